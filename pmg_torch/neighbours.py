@@ -1,0 +1,136 @@
+"""Exact k-nearest-neighbour search in torch, with bounded memory and the cleaning kNN estimators need.
+
+Every kNN-based metric in the package (curvature, TLE, MLE, TwoNN) starts from :func:`neighbourhoods`, so that
+:func:`pmg_torch.analyze` can search once per class and share the result.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validation import DegenerateInputError, check_cloud, check_positive_int, drop_nonfinite_rows, working_dtype
+
+#: Largest number of entries of one block of the distance matrix, 2**24 (64 MiB in float32). With m points the
+#: search holds ``chunk_size * m`` distances at a time, so its memory no longer grows with ``m**2``.
+MAX_BLOCK_ENTRIES = 2**24
+
+
+class Neighbourhoods(NamedTuple):
+    """The k nearest other points of each point of a cleaned cloud.
+
+    Attributes:
+        points: ``(n, D)`` the distinct finite rows of the input, in order of first appearance, in the working dtype.
+        distances: ``(n, k)`` Euclidean distances to the neighbours, ascending.
+        indices: ``(n, k)`` row indices into ``points`` of the neighbours; a point is never its own neighbour.
+        n_duplicates: rows removed because they repeated an earlier row exactly.
+        n_nonfinite: rows removed because they held NaN or infinity.
+    """
+
+    points: Tensor
+    distances: Tensor
+    indices: Tensor
+    n_duplicates: int
+    n_nonfinite: int
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+def remove_duplicate_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Return the distinct rows of ``x`` in order of first appearance, and how many rows were removed.
+
+    Exact duplicates give zero neighbour distances, which make ``log`` terms of TLE and MLE infinite and tangent
+    spaces undefined, so kNN estimators work on distinct rows only.
+    """
+    if x.shape[0] < 2:
+        return x, 0
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    n_unique = int(inverse.max()) + 1
+    if n_unique == x.shape[0]:
+        return x, 0
+    positions = torch.arange(x.shape[0], device=x.device)
+    first = torch.full((n_unique,), x.shape[0], dtype=positions.dtype, device=x.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    first, _ = torch.sort(first)
+    return x[first], x.shape[0] - n_unique
+
+
+def default_chunk_size(m: int) -> int:
+    """Return how many query rows fit in one distance block of at most :data:`MAX_BLOCK_ENTRIES` entries."""
+    return max(1, min(m, MAX_BLOCK_ENTRIES // max(m, 1)))
+
+
+def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Find the ``k`` nearest other rows of every row of ``x`` by Euclidean distance.
+
+    Candidates are ranked with the expansion ``|a|^2 + |b|^2 - 2 a.b`` one block of ``chunk_size`` query rows at a
+    time, and the distances of the chosen neighbours are then recomputed directly from ``a - b``, so that rounding
+    in the expansion affects at most the order of near-ties, never the returned values. A point is excluded from
+    its own neighbours by index, so distinct rows at distance zero still count as neighbours of each other.
+
+    Args:
+        x: ``(m, D)`` points, floating point.
+        k: neighbours per point, ``1 <= k <= m - 1``.
+        chunk_size: query rows per block; by default as many as keep a block under 2**24 entries.
+
+    Returns:
+        ``(distances, indices)``, both ``(m, k)``, ascending by distance. Distances are in the working dtype
+        (float64 for float64 input, float32 otherwise).
+
+    Raises:
+        ValueError: if ``k`` is not below the number of rows.
+    """
+    x = check_cloud(x)
+    k = check_positive_int(k, "k")
+    m = x.shape[0]
+    if k > m - 1:
+        raise ValueError(f"Expected `k` to be at most m - 1 = {m - 1} for {m} points, got k = {k}.")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(m)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+
+    x = x.to(working_dtype(x))
+    squared_norms = (x * x).sum(dim=1)
+    all_indices = torch.empty((m, k), dtype=torch.long, device=x.device)
+    all_distances = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    for start in range(0, m, chunk_size):
+        stop = min(start + chunk_size, m)
+        block = squared_norms[start:stop, None] + squared_norms[None, :] - 2.0 * (x[start:stop] @ x.T)
+        rows = torch.arange(stop - start, device=x.device)
+        block[rows, rows + start] = float("inf")
+        chosen = torch.topk(block, k, dim=1, largest=False, sorted=False).indices
+        distances = torch.linalg.vector_norm(x[start:stop, None, :] - x[chosen], dim=2)
+        distances, order = torch.sort(distances, dim=1)
+        all_distances[start:stop] = distances
+        all_indices[start:stop] = torch.gather(chosen, 1, order)
+    return all_distances, all_indices
+
+
+def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neighbourhoods:
+    """Clean ``x`` (drop non-finite rows, then exact duplicates) and find each remaining point's ``k`` neighbours.
+
+    Raises:
+        TypeError, ValueError: for a malformed ``x`` or ``k``.
+        DegenerateInputError: if fewer than ``k + 1`` distinct finite rows remain. Public metrics turn this into
+            NaN with a warning.
+    """
+    x = check_cloud(x)
+    k = check_positive_int(k, "k")
+    points = x.to(working_dtype(x))
+    points, n_nonfinite = drop_nonfinite_rows(points)
+    points, n_duplicates = remove_duplicate_rows(points)
+    n = points.shape[0]
+    if n < k + 1:
+        details = []
+        if n_duplicates:
+            details.append(f"{n_duplicates} duplicate rows removed")
+        if n_nonfinite:
+            details.append(f"{n_nonfinite} non-finite rows removed")
+        suffix = f" ({', '.join(details)})" if details else ""
+        raise DegenerateInputError(f"{n} distinct finite rows{suffix}; at least k + 1 = {k + 1} are needed")
+    distances, indices = knn(points, k, chunk_size=chunk_size)
+    return Neighbourhoods(points, distances, indices, n_duplicates, n_nonfinite)
