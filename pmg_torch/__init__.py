@@ -6,14 +6,56 @@ and :func:`analyze` computes every metric per class.
 """
 
 from ._validation import DegenerateInputWarning
+from .analysis import AVAILABLE_METRICS, DEFAULT_METRICS, ManifoldReport, analyze
+from .capture import EmbeddingCapture
+from .compat import (
+    calculate_volume,
+    estimate_holes_ripser,
+    estimate_intrinsic_dimension,
+    estimate_nonconvexity,
+    quantify_overall_concavity,
+)
+from .convexity import gaussian_projections, nonconvexity, nonconvexity_from_projections
+from .curvature import CurvatureResult, curvature, curvature_from_neighbourhoods
+from .dimension import intrinsic_dimension, intrinsic_dimension_from_neighbourhoods, participation_ratio
 from .neighbours import Neighbourhoods, knn, neighbourhoods, remove_duplicate_rows
+from .shape import shape_similarity, shape_similarity_matrix
+from .tensorboard import write_report
+from .topology import HolesResult, holes
+from .volume import VolumeResult, volume
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AVAILABLE_METRICS",
+    "CurvatureResult",
+    "DEFAULT_METRICS",
     "DegenerateInputWarning",
+    "EmbeddingCapture",
+    "HolesResult",
+    "ManifoldReport",
     "Neighbourhoods",
+    "VolumeResult",
+    "analyze",
+    "calculate_volume",
+    "curvature",
+    "curvature_from_neighbourhoods",
+    "estimate_holes_ripser",
+    "estimate_intrinsic_dimension",
+    "estimate_nonconvexity",
+    "gaussian_projections",
+    "holes",
+    "intrinsic_dimension",
+    "intrinsic_dimension_from_neighbourhoods",
     "knn",
     "neighbourhoods",
+    "nonconvexity",
+    "nonconvexity_from_projections",
+    "participation_ratio",
+    "quantify_overall_concavity",
     "remove_duplicate_rows",
+    "shape_similarity",
+    "shape_similarity_matrix",
+    "volume",
+    "write_report",
 ]

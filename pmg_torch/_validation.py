@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class DegenerateInputWarning(UserWarning):
-    """Warning issued when a metric cannot be computed on a class and NaN is returned instead."""
+    """Warning issued when a metric returns NaN for degenerate data, or leaves rows out before it computes."""
 
 
 class DegenerateInputError(Exception):
@@ -111,6 +111,22 @@ def warn_degenerate(metric: str, reason: str, label: Any = None, stacklevel: int
     """Issue the one warning that goes with a NaN result."""
     warnings.warn(
         f"{describe(metric, label)} is NaN: {reason}", DegenerateInputWarning, stacklevel=stacklevel
+    )
+
+
+def warn_dropped_rows(metric: str, n_nonfinite: int, n_duplicates: int, n_used: int, stacklevel: int = 3) -> None:
+    """Issue one warning when rows were left out of a metric that still has a value; do nothing otherwise."""
+    removed = []
+    if n_nonfinite:
+        removed.append(f"{n_nonfinite} rows with NaN or infinity")
+    if n_duplicates:
+        removed.append(f"{n_duplicates} duplicate rows")
+    if not removed:
+        return
+    warnings.warn(
+        f"{metric} left out {' and '.join(removed)}, and was computed from the remaining {n_used} rows.",
+        DegenerateInputWarning,
+        stacklevel=stacklevel,
     )
 
 

@@ -94,12 +94,16 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     chunk_size = check_positive_int(chunk_size, "chunk_size")
 
     x = x.to(working_dtype(x))
-    squared_norms = (x * x).sum(dim=1)
+    # The expansion loses digits in proportion to |a|^2 / |a - b|^2, so candidates are ranked on the cloud centred
+    # on the mean of its finite rows. The returned distances still come from ``x`` itself.
+    finite = torch.isfinite(x).all(dim=1)
+    centred = x - x[finite].mean(dim=0) if bool(finite.any()) else x
+    squared_norms = (centred * centred).sum(dim=1)
     all_indices = torch.empty((m, k), dtype=torch.long, device=x.device)
     all_distances = torch.empty((m, k), dtype=x.dtype, device=x.device)
     for start in range(0, m, chunk_size):
         stop = min(start + chunk_size, m)
-        block = squared_norms[start:stop, None] + squared_norms[None, :] - 2.0 * (x[start:stop] @ x.T)
+        block = squared_norms[start:stop, None] + squared_norms[None, :] - 2.0 * (centred[start:stop] @ centred.T)
         rows = torch.arange(stop - start, device=x.device)
         block[rows, rows + start] = float("inf")
         chosen = torch.topk(block, k, dim=1, largest=False, sorted=False).indices

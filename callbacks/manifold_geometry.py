@@ -1,0 +1,433 @@
+"""Lightning callback that measures each class's perceptual manifold at the end of validation epochs.
+
+During a validation epoch that is due, :class:`ManifoldGeometryCallback` keeps an
+:class:`pmg_torch.EmbeddingCapture` hook on one layer of the model and hands it the labels of every batch. At the
+end of the epoch it removes the hook, gathers the rows of every class from all ranks, computes the per-class
+geometry with :func:`pmg_torch.analyze` on rank zero, and sends the numbers to the trainer's loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor, nn
+
+from pmg_torch._validation import DegenerateInputWarning, check_positive_int
+from pmg_torch.analysis import AVAILABLE_METRICS, DEFAULT_METRICS, ManifoldReport, analyze
+from pmg_torch.capture import EmbeddingCapture
+from pmg_torch.neighbours import remove_duplicate_rows
+from pmg_torch.tensorboard import write_local_curvature_histograms
+
+log = logging.getLogger(__name__)
+
+#: Keys searched, in this order, for the labels of a dict batch when ``label_key`` is not given.
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+#: Tag prefix of everything the callback logs.
+TAG_PREFIX = "pmg"
+
+
+class ManifoldGeometryCallback(Callback):
+    """Log the geometry of every class's embeddings (curvature, volume, intrinsic dimension, ...) while training.
+
+    A perceptual manifold is the cloud ``Z_c`` of shape ``(m_c, D)`` of one layer's rows for the validation samples
+    of class ``c``. On every validation epoch that is due, the callback records those rows, computes the metrics of
+    :func:`pmg_torch.analyze` per class and logs ``pmg/<metric>/<class>`` and ``pmg/<metric>/mean`` scalars to
+    every logger of the trainer at ``trainer.global_step``. TensorBoard loggers also get a histogram
+    ``pmg/local_curvature/<class>`` of the per-point curvature. The last report stays in :attr:`last_report`.
+
+    When it runs:
+
+    * inside ``trainer.fit``, on the validation epochs of training epochs ``e`` (0-based) with
+      ``(e + 1) % every_n_epochs == 0``, counted as ``Trainer(check_val_every_n_epoch=...)`` counts them. Lightning's
+      sanity check before training is never measured.
+    * on every ``trainer.validate`` call. Such a call is a one-off evaluation, so it also includes the expensive
+      metrics when they are switched on.
+    * The ``expensive_metrics`` (persistent homology and projected convex hulls cost far more than the rest) are
+      added on the runs of epochs with ``(e + 1) % expensive_every_n_epochs == 0``. They are only added to a run
+      that happens anyway, so ``expensive_every_n_epochs`` should be a multiple of ``every_n_epochs``.
+
+    Labels come from the batch. A tuple or list batch has them as its second element. A dict batch has them under
+    ``label_key``, or else under the first key present of ``"label"``, ``"labels"``, ``"y"``, ``"target"`` and
+    ``"targets"``. A callable ``label_key`` is called on the batch and returns them. With several validation
+    dataloaders, the rows of all of them are pooled per class.
+
+    Under distributed training every rank records its own rows and the rows are gathered to rank zero through the
+    strategy's ``all_gather``. Exact duplicate rows are then removed, because a distributed sampler pads ranks
+    with repeated samples, and each class is cut back to ``max_per_class`` rows by a seeded uniform draw.
+
+    Args:
+        layer: the layer to record, as for :class:`pmg_torch.EmbeddingCapture`: a dotted module name, a module
+            inside the LightningModule, or ``None`` for the input of its last ``nn.Linear``.
+        every_n_epochs: measure every this many training epochs.
+        k: neighbours per point for curvature and the kNN intrinsic-dimension estimators. Classes with fewer
+            than ``k + 1`` distinct rows give NaN for those metrics.
+        max_per_class: most rows kept per class and rank, by reservoir sampling.
+        metrics: metric names measured on every run; ``None`` means :data:`pmg_torch.DEFAULT_METRICS`.
+        expensive_metrics: metric names added only every ``expensive_every_n_epochs`` epochs.
+        expensive_every_n_epochs: the schedule of ``expensive_metrics``; ``0`` or ``None`` switches them off.
+        log_histograms: whether TensorBoard loggers get per-point curvature histograms.
+        class_names: display names of the classes, passed to :func:`pmg_torch.analyze`.
+        label_key: where the labels are in a dict batch, or a callable ``batch -> labels``.
+        seed: seed of the row sampling and of the seeded metrics.
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if a number is out of range or a metric name is unknown.
+
+    Warns:
+        DegenerateInputWarning: from :func:`pmg_torch.analyze`, once per class and metric that is NaN, and once per
+            run that captured no rows at all.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[ManifoldGeometryCallback(k=10)])
+        trainer.fit(model, datamodule)
+        print(trainer.callbacks[0].last_report.table())
+    """
+
+    def __init__(
+        self,
+        layer: str | nn.Module | None = None,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        max_per_class: int = 1000,
+        metrics: Sequence[str] | None = None,
+        expensive_metrics: Sequence[str] | None = ("holes", "nonconvexity"),
+        expensive_every_n_epochs: int | None = 5,
+        log_histograms: bool = True,
+        class_names: Mapping[int, str] | Sequence[str] | None = None,
+        label_key: str | Callable[[Any], Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"Expected `layer` to be a module name, an nn.Module or None, got {type(layer).__name__}.")
+        if label_key is not None and not isinstance(label_key, str) and not callable(label_key):
+            raise TypeError(
+                f"Expected `label_key` to be a dict key (str), a callable batch -> labels, or None, "
+                f"got {type(label_key).__name__}."
+            )
+        if class_names is not None and (
+            isinstance(class_names, str) or not isinstance(class_names, (Mapping, Sequence))
+        ):
+            raise TypeError(
+                "Expected `class_names` to be a mapping from label to name, a sequence of names indexed by label, "
+                f"or None, got {type(class_names).__name__}."
+            )
+        if not isinstance(log_histograms, bool):
+            raise TypeError(f"Expected `log_histograms` to be a bool, got {type(log_histograms).__name__}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Expected `seed` to be a non-negative int, got {seed!r}.")
+        self.layer = layer
+        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        self.k = check_positive_int(k, "k")
+        self.max_per_class = check_positive_int(max_per_class, "max_per_class")
+        self.metrics = _check_metric_names(DEFAULT_METRICS if metrics is None else metrics, "metrics")
+        self.expensive_metrics = _check_metric_names(expensive_metrics or (), "expensive_metrics")
+        if expensive_every_n_epochs is None or expensive_every_n_epochs == 0:
+            self.expensive_every_n_epochs = 0
+        else:
+            self.expensive_every_n_epochs = check_positive_int(expensive_every_n_epochs, "expensive_every_n_epochs")
+        self.log_histograms = log_histograms
+        self.class_names = class_names
+        self.label_key = label_key
+        self.seed = seed
+
+        #: The report of the latest run on rank zero. It is ``None`` before the first run and on other ranks.
+        self.last_report: ManifoldReport | None = None
+        self._capture: EmbeddingCapture | None = None
+        self._run_expensive = False
+        self._n_runs = 0
+
+    # -- schedule ---------------------------------------------------------------------------------------------------
+
+    @property
+    def n_runs(self) -> int:
+        """Number of validation epochs measured so far, restored from checkpoints."""
+        return self._n_runs
+
+    @property
+    def state_key(self) -> str:
+        # Two callbacks watching different layers need separate entries in a checkpoint.
+        layer = self.layer if self.layer is None or isinstance(self.layer, str) else type(self.layer).__name__
+        return self._generate_state_key(layer=layer)
+
+    def _is_due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
+        if trainer.state.fn != TrainerFn.FITTING:
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _expensive_is_due(self, trainer: pl.Trainer) -> bool:
+        if not self.expensive_metrics or not self.expensive_every_n_epochs:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
+        return (trainer.current_epoch + 1) % self.expensive_every_n_epochs == 0
+
+    def _metrics_for_run(self) -> tuple[str, ...]:
+        if not self._run_expensive:
+            return self.metrics
+        extra = tuple(name for name in self.expensive_metrics if name not in self.metrics)
+        return self.metrics + extra
+
+    # -- hooks ------------------------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hook()
+        if not self._is_due(trainer):
+            return
+        self._run_expensive = self._expensive_is_due(trainer)
+        self._capture = EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed)
+        self._capture.attach()
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._capture is not None:
+            self._capture.set_labels(self._labels_from_batch(batch))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        capture = self._capture
+        if capture is None:
+            return
+        self._remove_hook()
+        # Every rank takes part in the gather whatever it captured, because a rank that skipped it would leave the
+        # others waiting in the collective.
+        clouds = gather_class_rows(
+            capture.embeddings, trainer.strategy.all_gather, trainer.world_size, pl_module.device
+        )
+        self._n_runs += 1
+        if not trainer.is_global_zero:
+            return
+        if trainer.world_size > 1:
+            clouds = _clean_gathered(clouds, self.max_per_class, self.seed)
+        if not clouds:
+            warnings.warn(
+                f"ManifoldGeometryCallback captured no rows on layer {capture.layer_name!r} at epoch "
+                f"{trainer.current_epoch}, so nothing was logged; check that validation batches reach that layer.",
+                DegenerateInputWarning,
+                stacklevel=2,
+            )
+            return
+        report = analyze(
+            clouds, k=self.k, metrics=self._metrics_for_run(), class_names=self.class_names, seed=self.seed
+        )
+        self.last_report = report
+        self._log_report(trainer, report)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hook()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+
+    def _remove_hook(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    # -- labels -----------------------------------------------------------------------------------------------------
+
+    def _labels_from_batch(self, batch: Any) -> Tensor:
+        """Return the class labels of ``batch`` as a tensor, found as the class docstring describes."""
+        if callable(self.label_key):
+            labels = self.label_key(batch)
+        elif isinstance(batch, Mapping):
+            labels = batch[self._dict_label_key(batch)]
+        elif isinstance(self.label_key, str):
+            raise ValueError(
+                f"`label_key={self.label_key!r}` needs dict batches, but the validation batch is a "
+                f"{type(batch).__name__}; pass a callable `label_key` to pick the labels out of it."
+            )
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            labels = batch[1]
+        else:
+            raise ValueError(
+                f"Cannot find class labels in a validation batch of type {type(batch).__name__}: expected a "
+                "(inputs, labels, ...) tuple or list, or a dict; otherwise pass `label_key` as a callable "
+                "batch -> labels."
+            )
+        return labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+
+    def _dict_label_key(self, batch: Mapping[Any, Any]) -> Any:
+        if self.label_key is not None:
+            if self.label_key not in batch:
+                raise ValueError(
+                    f"`label_key={self.label_key!r}` not found in the validation batch; its keys are {list(batch)}."
+                )
+            return self.label_key
+        for key in LABEL_KEYS:
+            if key in batch:
+                return key
+        raise ValueError(
+            f"Cannot find class labels in a dict validation batch with keys {list(batch)}: expected one of "
+            f"{list(LABEL_KEYS)}. Pass `label_key` to name the key."
+        )
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+
+    def _log_report(self, trainer: pl.Trainer, report: ManifoldReport) -> None:
+        scalars = report.scalars(prefix=TAG_PREFIX)
+        finite = {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+        if len(finite) < len(scalars):
+            # TensorBoard cannot draw a NaN point, so undefined values are left out, as write_report does.
+            # The DegenerateInputWarning from analyze has already named each of them.
+            log.info(
+                "Left out %d non-finite scalars of %d at step %d.",
+                len(scalars) - len(finite),
+                len(scalars),
+                trainer.global_step,
+            )
+        for logger in trainer.loggers:
+            logger.log_metrics(finite, step=trainer.global_step)
+        if self.log_histograms:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    write_local_curvature_histograms(logger.experiment, report, trainer.global_step, TAG_PREFIX)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer if self.layer is None or isinstance(self.layer, str) else None,
+            "every_n_epochs": self.every_n_epochs,
+            "k": self.k,
+            "max_per_class": self.max_per_class,
+            "metrics": list(self.metrics),
+            "expensive_metrics": list(self.expensive_metrics),
+            "expensive_every_n_epochs": self.expensive_every_n_epochs,
+            "log_histograms": self.log_histograms,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the settings and the run counter. Captured rows are never saved."""
+        return {"n_runs": self._n_runs, "settings": self._settings()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the run counter and the settings saved with a checkpoint.
+
+        A resumed run keeps measuring as it was configured, so that its numbers stay comparable across the resume.
+        Settings that differ from this callback's arguments are overridden with one warning that lists them.
+        A layer given as a module object is never saved and so stays as it is.
+        """
+        self._n_runs = int(state_dict.get("n_runs", 0))
+        saved = dict(state_dict.get("settings", {}))
+        if not isinstance(self.layer, (str, type(None))):
+            saved.pop("layer", None)
+        current = self._settings()
+        changed = {name: value for name, value in saved.items() if name in current and current[name] != value}
+        if not changed:
+            return
+        listed = ", ".join(f"{name}={value!r} (was {current[name]!r})" for name, value in changed.items())
+        warnings.warn(
+            f"ManifoldGeometryCallback restored settings from the checkpoint that differ from its arguments: {listed}.",
+            UserWarning,
+            stacklevel=2,
+        )
+        for name, value in changed.items():
+            setattr(self, name, tuple(value) if name in ("metrics", "expensive_metrics") else value)
+
+
+def gather_class_rows(
+    embeddings: Mapping[int, Tensor],
+    all_gather: Callable[[Tensor], Tensor],
+    world_size: int,
+    device: torch.device,
+) -> dict[int, Tensor]:
+    """Gather every rank's rows per class, in rank order, onto every rank.
+
+    Ranks hold different numbers of rows (and a rank may hold none), but ``all_gather`` needs one shape on every
+    rank. So each rank flattens its classes into an ``(n_r, D)`` block with ``(n_r,)`` labels, the ranks first
+    exchange ``(n_r, D)``, then pad their block and labels to ``max_r n_r`` rows, exchange them, and trim each
+    rank's part back to its ``n_r`` rows. Every rank must call this function, whatever it captured.
+
+    Args:
+        embeddings: this rank's rows per class label, each ``(m_c, D)``.
+        all_gather: the strategy's ``all_gather``. It returns ``(world_size, *shape)`` or, in a single process, the
+            tensor unchanged.
+        world_size: number of ranks.
+        device: where a rank without rows builds its padding, the device the collective needs.
+
+    Returns:
+        ``(m_c, D)`` float32 rows per class label present on any rank, sorted by label.
+
+    Raises:
+        ValueError: if ranks record rows of different widths.
+    """
+    rows, labels = _flatten_classes(embeddings, device)
+    local_size = torch.tensor([rows.shape[0], rows.shape[1]], dtype=torch.long, device=device)
+    sizes = all_gather(local_size).reshape(world_size, 2).cpu()
+    n_max = int(sizes[:, 0].max())
+    if n_max == 0:
+        return {}
+    widths = {int(width) for n, width in sizes.tolist() if n > 0}
+    if len(widths) > 1:
+        raise ValueError(f"Ranks recorded rows of different widths {sorted(widths)}; every rank must run one model.")
+    width = widths.pop()
+
+    padded_rows = torch.zeros((n_max, width), dtype=torch.float32, device=device)
+    padded_labels = torch.zeros(n_max, dtype=torch.long, device=device)
+    if rows.shape[0] > 0:
+        padded_rows[: rows.shape[0]] = rows
+        padded_labels[: labels.shape[0]] = labels
+    all_rows = all_gather(padded_rows).reshape(world_size, n_max, width)
+    all_labels = all_gather(padded_labels).reshape(world_size, n_max)
+
+    real = torch.arange(n_max) < sizes[:, :1]
+    real = real.to(all_rows.device)
+    all_rows, all_labels = all_rows[real], all_labels[real]
+    return {label: all_rows[all_labels == label] for label in sorted(set(all_labels.tolist()))}
+
+
+def _flatten_classes(embeddings: Mapping[int, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Stack per-class rows into one ``(n, D)`` float32 block with its ``(n,)`` labels, ``(0, 0)`` when empty."""
+    clouds = {label: rows for label, rows in embeddings.items() if rows.shape[0] > 0}
+    if not clouds:
+        return torch.zeros((0, 0), dtype=torch.float32, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    rows = torch.cat([cloud.to(device, torch.float32) for cloud in clouds.values()])
+    counts = torch.tensor([cloud.shape[0] for cloud in clouds.values()], device=device)
+    labels = torch.repeat_interleave(torch.tensor(list(clouds), dtype=torch.long, device=device), counts)
+    return rows, labels
+
+
+def _clean_gathered(clouds: Mapping[int, Tensor], max_per_class: int, seed: int) -> dict[int, Tensor]:
+    """Drop exact duplicate rows per class and cut each class to ``max_per_class`` rows by a seeded draw.
+
+    NOTE: a sample that a distributed sampler repeats to pad a rank is removed only when both ranks computed
+    bit-identical rows for it, which different batch compositions can prevent. The cut treats the ranks' reservoirs
+    as one pool, which is a uniform sample only when the ranks saw about as many rows of the class, as a
+    distributed sampler arranges.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cleaned = {}
+    for label, rows in clouds.items():
+        rows, _ = remove_duplicate_rows(rows)
+        if rows.shape[0] > max_per_class:
+            keep = torch.randperm(rows.shape[0], generator=generator)[:max_per_class]
+            rows = rows[keep.to(rows.device)]
+        cleaned[label] = rows
+    return cleaned
+
+
+def _check_metric_names(names: Any, argument: str) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"Expected `{argument}` to be a list of metric names, got {type(names).__name__} ({names!r}).")
+    unknown = [name for name in names if name not in AVAILABLE_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric names in `{argument}`: {unknown}. Available: {list(AVAILABLE_METRICS)}.")
+    return tuple(names)

@@ -1,0 +1,153 @@
+"""Tests for the exact kNN search and the cleaning that kNN estimators rely on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from pmg_torch import Neighbourhoods, knn, neighbourhoods, remove_duplicate_rows
+from pmg_torch._validation import DegenerateInputError
+
+
+def sklearn_neighbours(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's k nearest other points (a fitted set queried without X leaves each point out)."""
+    return NearestNeighbors(n_neighbors=k).fit(points).kneighbors()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dim", [3, 64])
+def test_knn_equals_sklearn(dtype, dim):
+    points = np.random.default_rng(0).normal(size=(300, dim))
+    expected_distances, expected_indices = sklearn_neighbours(points, 15)
+
+    distances, indices = knn(torch.from_numpy(points).to(dtype), 15)
+
+    assert distances.dtype == dtype
+    np.testing.assert_array_equal(indices.numpy(), expected_indices)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=rtol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 300, 1000])
+def test_chunk_size_does_not_change_neighbours(chunk_size):
+    points = torch.randn(300, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected_distances, expected_indices = knn(points, 8)
+
+    distances, indices = knn(points, 8, chunk_size=chunk_size)
+
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    torch.testing.assert_close(distances, expected_distances, rtol=0, atol=0)
+
+
+def test_point_is_excluded_by_index_not_by_rank():
+    # Rows 0, 1 and 2 are the same point: each must find the other two at distance 0, and never itself.
+    points = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [4.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+
+    distances, indices = knn(points, 2)
+
+    rows = torch.arange(5)[:, None]
+    assert not (indices == rows).any()
+    assert set(indices[0].tolist()) == {1, 2}
+    assert set(indices[1].tolist()) == {0, 2}
+    assert set(indices[2].tolist()) == {0, 1}
+    torch.testing.assert_close(distances[:3], torch.zeros(3, 2, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_distances_are_exact_far_from_the_origin():
+    # Here |a|^2 + |b|^2 - 2ab on the raw rows cancels every digit of the squared distances: the ranking must use
+    # centred rows to pick the right neighbours, and the distances must be recomputed from the differences.
+    generator = torch.Generator().manual_seed(2)
+    points = 1e4 + 1e-3 * torch.randn(50, 4, generator=generator, dtype=torch.float64)
+
+    distances, indices = knn(points, 3)
+
+    direct = torch.linalg.vector_norm(points[:, None, :] - points[indices], dim=2)
+    torch.testing.assert_close(distances, direct, rtol=1e-14, atol=0)
+    expected_distances, _ = sklearn_neighbours(points.numpy(), 3)
+    np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-9)
+
+
+def test_distances_are_sorted_ascending():
+    points = torch.randn(100, 5, generator=torch.Generator().manual_seed(3))
+
+    distances, _ = knn(points, 10)
+
+    assert (distances[:, 1:] >= distances[:, :-1]).all()
+
+
+def test_half_precision_input_is_searched_in_float32():
+    points = torch.randn(80, 6, generator=torch.Generator().manual_seed(4)).half()
+
+    distances, indices = knn(points, 5)
+
+    assert distances.dtype == torch.float32
+    expected_distances, expected_indices = knn(points.float(), 5)
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    torch.testing.assert_close(distances, expected_distances, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("k", "error", "message"),
+    [(10, ValueError, "at most m - 1 = 9"), (0, ValueError, "at least 1"), (True, TypeError, "int")],
+)
+def test_bad_k_raises(k, error, message):
+    with pytest.raises(error, match=message):
+        knn(torch.randn(10, 3), k)
+
+
+def test_remove_duplicate_rows_keeps_first_appearance_order():
+    points = torch.tensor([[3.0, 0.0], [1.0, 1.0], [3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.0]])
+
+    distinct, n_removed = remove_duplicate_rows(points)
+
+    torch.testing.assert_close(distinct, torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0]]), rtol=0, atol=0)
+    assert n_removed == 3
+
+
+def test_remove_duplicate_rows_returns_distinct_input_unchanged():
+    points = torch.randn(20, 3, generator=torch.Generator().manual_seed(5))
+
+    distinct, n_removed = remove_duplicate_rows(points)
+
+    assert n_removed == 0
+    torch.testing.assert_close(distinct, points, rtol=0, atol=0)
+
+
+def test_neighbourhoods_drop_nonfinite_rows_then_duplicates():
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    points = torch.cat([base[:10], base[:3], torch.full((2, 4), float("nan")), base[10:], base[[5]]])
+    points[12, 0] = float("inf")  # one of the repeated rows is also non-finite
+
+    nb = neighbourhoods(points, 5)
+
+    assert isinstance(nb, Neighbourhoods)
+    assert nb.n_nonfinite == 3
+    assert nb.n_duplicates == 3
+    torch.testing.assert_close(nb.points, base, rtol=0, atol=0)
+    assert nb.k == 5
+    expected_distances, expected_indices = knn(base, 5)
+    torch.testing.assert_close(nb.indices, expected_indices, rtol=0, atol=0)
+    torch.testing.assert_close(nb.distances, expected_distances, rtol=0, atol=0)
+
+
+def test_neighbourhoods_too_few_rows_raise():
+    points = torch.cat([torch.ones(8, 3), torch.zeros(1, 3), torch.full((2, 3), float("nan"))])
+
+    with pytest.raises(DegenerateInputError, match=r"2 distinct finite rows") as raised:
+        neighbourhoods(points, 4)
+
+    assert "7 duplicate rows removed" in raised.value.reason
+    assert "2 non-finite rows removed" in raised.value.reason
+    assert "k + 1 = 5" in raised.value.reason
+
+
+def test_neighbourhoods_points_are_in_working_dtype():
+    points = torch.randn(20, 3, generator=torch.Generator().manual_seed(7)).bfloat16()
+
+    nb = neighbourhoods(points, 4)
+
+    assert nb.points.dtype == torch.float32
+    assert nb.distances.dtype == torch.float32
