@@ -20,11 +20,11 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from pmg_torch._validation import DegenerateInputWarning, check_positive_int
 from pmg_torch.analysis import AVAILABLE_METRICS, DEFAULT_METRICS, ManifoldReport, analyze
 from pmg_torch.capture import EmbeddingCapture
-from pmg_torch.neighbours import remove_duplicate_rows
 from pmg_torch.tensorboard import write_local_curvature_histograms
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class ManifoldGeometryCallback(Callback):
     dataloaders, the rows of all of them are pooled per class.
 
     Under distributed training every rank records its own rows and the rows are gathered to rank zero through the
-    strategy's ``all_gather``. Exact duplicate rows are then removed, because a distributed sampler pads ranks
-    with repeated samples, and each class is cut back to ``max_per_class`` rows by a seeded uniform draw.
+    strategy's ``all_gather``, and each class is cut back to ``max_per_class`` rows by a seeded uniform draw. A
+    ``DistributedSampler`` without ``drop_last`` repeats samples to give every rank the same count. Those repeats
+    come last on their rank, so each rank records only its first ``len(range(rank, len(dataset), world_size))``
+    samples, and the classes equal those of a single process on the same validation set.
 
     Args:
         layer: the layer to record, as for :class:`pmg_torch.EmbeddingCapture`: a dotted module name, a module
@@ -148,6 +150,9 @@ class ManifoldGeometryCallback(Callback):
         self._capture: EmbeddingCapture | None = None
         self._run_expensive = False
         self._n_runs = 0
+        # Per validation dataloader: samples this rank has seen this epoch, and how many of its samples are real.
+        self._samples_seen: dict[int, int] = {}
+        self._real_samples: dict[int, int | None] = {}
 
     # -- schedule ---------------------------------------------------------------------------------------------------
 
@@ -191,14 +196,28 @@ class ManifoldGeometryCallback(Callback):
         if not self._is_due(trainer):
             return
         self._run_expensive = self._expensive_is_due(trainer)
+        self._samples_seen, self._real_samples = {}, {}
         self._capture = EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed)
         self._capture.attach()
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._capture is not None:
-            self._capture.set_labels(self._labels_from_batch(batch))
+        if self._capture is None:
+            return
+        labels = self._labels_from_batch(batch)
+        self._capture.set_labels(labels, keep=self._padding_mask(trainer, dataloader_idx, labels.shape[0]))
+
+    def _padding_mask(self, trainer: pl.Trainer, dataloader_idx: int, batch_size: int) -> Tensor | None:
+        """Return which samples of the batch are real, or ``None`` when none is a distributed sampler's repeat."""
+        first = self._samples_seen.get(dataloader_idx, 0)
+        self._samples_seen[dataloader_idx] = first + batch_size
+        if dataloader_idx not in self._real_samples:
+            self._real_samples[dataloader_idx] = real_sample_count(_validation_loader(trainer, dataloader_idx))
+        n_real = self._real_samples[dataloader_idx]
+        if n_real is None or first + batch_size <= n_real:
+            return None
+        return torch.arange(first, first + batch_size) < n_real
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         capture = self._capture
@@ -214,7 +233,7 @@ class ManifoldGeometryCallback(Callback):
         if not trainer.is_global_zero:
             return
         if trainer.world_size > 1:
-            clouds = _clean_gathered(clouds, self.max_per_class, self.seed)
+            clouds = _cut_to_max_per_class(clouds, self.max_per_class, self.seed)
         if not clouds:
             warnings.warn(
                 f"ManifoldGeometryCallback captured no rows on layer {capture.layer_name!r} at epoch "
@@ -223,9 +242,21 @@ class ManifoldGeometryCallback(Callback):
                 stacklevel=2,
             )
             return
-        report = analyze(
-            clouds, k=self.k, metrics=self._metrics_for_run(), class_names=self.class_names, seed=self.seed
-        )
+        try:
+            report = analyze(
+                clouds, k=self.k, metrics=self._metrics_for_run(), class_names=self.class_names, seed=self.seed
+            )
+        except Exception as error:
+            # The monitor must never end a training run. Degenerate data already gives NaN inside analyze, so an
+            # error here is a defect in metric code, reported in full but not raised.
+            log.exception("ManifoldGeometryCallback failed to compute the geometry at epoch %d.", trainer.current_epoch)
+            warnings.warn(
+                f"ManifoldGeometryCallback failed to compute the geometry at epoch {trainer.current_epoch} "
+                f"({type(error).__name__}: {error}), so nothing was logged for it; training continues.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         self.last_report = report
         self._log_report(trainer, report)
 
@@ -405,23 +436,48 @@ def _flatten_classes(embeddings: Mapping[int, Tensor], device: torch.device) -> 
     return rows, labels
 
 
-def _clean_gathered(clouds: Mapping[int, Tensor], max_per_class: int, seed: int) -> dict[int, Tensor]:
-    """Drop exact duplicate rows per class and cut each class to ``max_per_class`` rows by a seeded draw.
+def _cut_to_max_per_class(clouds: Mapping[int, Tensor], max_per_class: int, seed: int) -> dict[int, Tensor]:
+    """Cut each class to ``max_per_class`` rows by a seeded uniform draw.
 
-    NOTE: a sample that a distributed sampler repeats to pad a rank is removed only when both ranks computed
-    bit-identical rows for it, which different batch compositions can prevent. The cut treats the ranks' reservoirs
-    as one pool, which is a uniform sample only when the ranks saw about as many rows of the class, as a
-    distributed sampler arranges.
+    NOTE: the draw treats the ranks' reservoirs as one pool, which is a uniform sample only when the ranks saw about
+    as many rows of the class, as a distributed sampler arranges.
     """
     generator = torch.Generator().manual_seed(seed)
-    cleaned = {}
+    cut = {}
     for label, rows in clouds.items():
-        rows, _ = remove_duplicate_rows(rows)
         if rows.shape[0] > max_per_class:
             keep = torch.randperm(rows.shape[0], generator=generator)[:max_per_class]
             rows = rows[keep.to(rows.device)]
-        cleaned[label] = rows
-    return cleaned
+        cut[label] = rows
+    return cut
+
+
+def real_sample_count(dataloader: Any) -> int | None:
+    """Return how many of this rank's samples are real when ``dataloader`` pads through a ``DistributedSampler``.
+
+    With ``n`` samples and ``r`` replicas, a ``DistributedSampler`` without ``drop_last`` gives rank ``i`` the
+    positions ``i, i + r, i + 2r, ...`` of the index list extended by repeats of its first samples to a multiple of
+    ``r``. The real ones are the first ``len(range(i, n, r))``, and the rest repeat samples of other ranks.
+
+    Returns:
+        The count, or ``None`` when the loader has no such sampler (nothing is padded, or the padding is unknown).
+    """
+    sampler = getattr(dataloader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(getattr(dataloader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
+
+
+def _validation_loader(trainer: pl.Trainer, dataloader_idx: int) -> Any:
+    """Return the validation dataloader with index ``dataloader_idx``, or ``None`` when it cannot be told."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return loaders[dataloader_idx] if 0 <= dataloader_idx < len(loaders) else None
+    return loaders
 
 
 def _check_metric_names(names: Any, argument: str) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from .convexity import nonconvexity
 from .curvature import curvature_from_neighbourhoods
 from .dimension import intrinsic_dimension_from_neighbourhoods, participation_ratio
 from .neighbours import Neighbourhoods, neighbourhoods, remove_duplicate_rows
+from .shape import METRIC as SHAPE_SIMILARITY_METRIC
 from .shape import shape_similarity_matrix
 from .topology import holes
 from .volume import volume
@@ -600,8 +601,10 @@ def _add_shape_similarity(report: ManifoldReport, finite_clouds: Mapping[int, Te
             matrix[index[:, None], index[None, :]] = outcome.result.detach().to("cpu", torch.float64)
         # shape_similarity_matrix names the class in each warning, through the same `describe` helper.
         for label in classes:
-            head = f"{describe('shape_similarity', label)} is NaN: "
-            messages_by_class[label] = [m.removeprefix(head) for m in outcome.messages if m.startswith(head)]
+            head = f"{describe(SHAPE_SIMILARITY_METRIC, label)} is NaN: "
+            own = [m.removeprefix(head) for m in outcome.messages if m.startswith(head)]
+            # A computation that failed outright names no class, so every class gets its reason.
+            messages_by_class[label] = own or (outcome.notes if outcome.result is None else [])
     report.similarity = matrix
 
     off_diagonal = ~torch.eye(len(classes), dtype=torch.bool)
@@ -642,6 +645,10 @@ def _capture(compute: Callable[[], Any], metrics: Sequence[str] = ()) -> _Outcom
             result, notes = compute(), []
         except DegenerateInputError as error:
             result, notes = None, [error.reason]
+        except torch.linalg.LinAlgError as error:
+            # LAPACK can fail to converge on finite rows of extreme magnitude, whose Gram matrices overflow. That is
+            # a failed decomposition of this class's data, so its metrics become NaN like any degenerate case.
+            result, notes = None, [f"a decomposition failed ({error})"]
     messages = []
     for warning in caught:
         if not issubclass(warning.category, DegenerateInputWarning):

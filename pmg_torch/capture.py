@@ -87,6 +87,7 @@ class EmbeddingCapture:
         self.layer_name, self.module, self.captures_input = _resolve_layer(model, layer)
         self._handle: RemovableHandle | None = None
         self._pending_labels: Tensor | None = None
+        self._pending_keep: Tensor | None = None
         self._rows: dict[int, Tensor] = {}
         self._n_seen: dict[int, int] = {}
         self._width: int | None = None
@@ -126,20 +127,23 @@ class EmbeddingCapture:
             self._handle.remove()
             self._handle = None
         self._pending_labels = None
+        self._pending_keep = None
 
     # -- data ------------------------------------------------------------------------------------------------------
 
-    def set_labels(self, labels: Tensor | Sequence[int]) -> None:
+    def set_labels(self, labels: Tensor | Sequence[int], keep: Tensor | None = None) -> None:
         """Set the class labels of the next forward's batch, one per row.
 
         One forward consumes them, so call this before every forward.
 
         Args:
             labels: ``(B,)`` integer class labels, on any device.
+            keep: ``(B,)`` bool, which rows to record; the others are dropped before sampling and not counted in
+                :attr:`n_seen`. ``None`` records every row. A distributed sampler's padding is one use.
 
         Raises:
-            TypeError: if ``labels`` are not integers.
-            ValueError: if ``labels`` are not one-dimensional.
+            TypeError: if ``labels`` are not integers, or ``keep`` is not a bool tensor.
+            ValueError: if ``labels`` are not one-dimensional, or ``keep`` does not have their shape.
         """
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -149,7 +153,17 @@ class EmbeddingCapture:
         if labels.ndim != 1:
             hint = " For one-hot or probability targets pass `labels.argmax(dim=1)`." if labels.ndim == 2 else ""
             raise ValueError(f"Expected labels of shape (B,), got shape {tuple(labels.shape)}.{hint}")
+        if keep is not None:
+            if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+                described = keep.dtype if isinstance(keep, Tensor) else type(keep).__name__
+                raise TypeError(f"Expected `keep` to be a bool tensor, got {described}.")
+            if keep.shape != labels.shape:
+                raise ValueError(
+                    f"Expected `keep` of shape {tuple(labels.shape)}, one flag per label, got {tuple(keep.shape)}."
+                )
+            keep = keep.detach().cpu()
         self._pending_labels = labels.detach()
+        self._pending_keep = keep
 
     def reset(self) -> None:
         """Forget every stored row and count, and restart the sampling generator. The hook stays as it is."""
@@ -181,8 +195,8 @@ class EmbeddingCapture:
 
     @torch.no_grad()
     def _record(self, hooked: Tensor) -> None:
-        labels = self._pending_labels
-        self._pending_labels = None
+        labels, keep = self._pending_labels, self._pending_keep
+        self._pending_labels, self._pending_keep = None, None
         if labels is None:
             raise ValueError(
                 f"EmbeddingCapture on layer {self.layer_name!r} saw a forward without labels: "
@@ -200,7 +214,10 @@ class EmbeddingCapture:
                 f"{self._width}; every batch must give the same number of features. Call reset() to start over."
             )
         self._width = rows.shape[1]
-        self._add_batch(rows, labels.to("cpu", torch.long))
+        labels = labels.to("cpu", torch.long)
+        if keep is not None:
+            rows, labels = rows[keep.to(rows.device)], labels[keep]
+        self._add_batch(rows, labels)
 
     def _add_batch(self, rows: Tensor, labels: Tensor) -> None:
         """File ``rows`` under ``labels`` (a CPU tensor), one reservoir update per class present."""

@@ -85,7 +85,7 @@ def curvature(
         method: ``"tangent"`` or ``"reference"``.
         tangent_dim: ``t`` for ``"tangent"``, in ``[1, min(k, D)]``. ``None`` (default) takes the TLE intrinsic
             dimension of the same neighbourhoods, rounded to the nearest integer and clamped to ``[1, min(k - 1,
-            D)]`` and to the median numerical rank of the neighbourhoods (singular values above 1e-6 of the
+            D - 1)]`` and to the median numerical rank of the neighbourhoods (singular values above 1e-6 of the
             largest for float64 input, 1e-3 otherwise), so that a flat subspace never gets more tangent directions
             than it has. TLE can be off by more than 0.5: it underestimates flat subspaces above about 5
             dimensions when points are few (8 dimensions from 200 points read as 6.7), and overestimates curved
@@ -159,9 +159,11 @@ def curvature_from_neighbourhoods(
 
 
 def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor) -> int:
-    """Choose the tangent dimension: rounded TLE, clamped to ``[1, min(k - 1, D)]`` and to the numerical rank.
+    """Choose the tangent dimension: rounded TLE, clamped to ``[1, min(k - 1, D - 1)]`` and to the numerical rank.
 
-    ``eigenvalues`` ``(n, k)`` are those of each neighbourhood's Gram matrix ``M_i M_i^T``, descending. See the
+    A tangent space as wide as the ambient space contains every other one, so every angle would be 0: the clamp to
+    ``D - 1`` keeps a sphere in R^3 curved when TLE reads it as 3-dimensional. ``eigenvalues`` ``(n, k)`` are
+    those of each neighbourhood's Gram matrix ``M_i M_i^T``, descending. See the
     ``tangent_dim`` argument of :func:`curvature` for when this choice is off.
     """
     dim = nb.points.shape[1]
@@ -171,7 +173,7 @@ def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor) -> int:
     median_rank = int(ranks.median())
     estimate = float(tle_pointwise(nb).mean())
     rounded = math.floor(estimate + 0.5) if math.isfinite(estimate) else 1
-    return max(1, min(rounded, nb.k - 1, dim, median_rank))
+    return max(1, min(rounded, nb.k - 1, max(dim - 1, 1), median_rank))
 
 
 def _curvature(nb: Neighbourhoods, method: str, tangent_dim: int | None, chunk_size: int | None) -> CurvatureResult:

@@ -45,7 +45,20 @@ def remove_duplicate_rows(x: Tensor) -> tuple[Tensor, int]:
 
     Exact duplicates give zero neighbour distances, which make ``log`` terms of TLE and MLE infinite and tangent
     spaces undefined, so kNN estimators work on distinct rows only.
+
+    Args:
+        x: ``(m, D)`` rows of a real dtype, ``D >= 1``. ``m = 0`` is allowed and gives ``(x, 0)``.
+
+    Raises:
+        TypeError: if ``x`` is not a tensor, or its dtype is complex.
+        ValueError: if ``x`` is not two-dimensional or has no columns.
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected `x` to be a torch.Tensor of shape (m, D), got {type(x).__name__}.")
+    if x.is_complex():
+        raise TypeError(f"Expected `x` to have a real dtype, got {x.dtype}.")
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"Expected `x` of shape (m, D) with D >= 1, got a tensor of shape {tuple(x.shape)}.")
     if x.shape[0] < 2:
         return x, 0
     _, inverse = torch.unique(x, dim=0, return_inverse=True)
@@ -72,6 +85,11 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     in the expansion affects at most the order of near-ties, never the returned values. A point is excluded from
     its own neighbours by index, so distinct rows at distance zero still count as neighbours of each other.
 
+    Both steps work on the cloud divided by a power of two near its largest finite entry, and the distances are
+    multiplied back. Squared float32 distances overflow above about 1e19 and underflow below about 1e-19, which
+    would make every candidate tie. Dividing and multiplying by a power of two is exact, so for data in ordinary
+    ranges the distances are the same bits as ``|a - b|``.
+
     Args:
         x: ``(m, D)`` points, floating point.
         k: neighbours per point, ``1 <= k <= m - 1``.
@@ -94,9 +112,11 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     chunk_size = check_positive_int(chunk_size, "chunk_size")
 
     x = x.to(working_dtype(x))
-    # The expansion loses digits in proportion to |a|^2 / |a - b|^2, so candidates are ranked on the cloud centred
-    # on the mean of its finite rows. The returned distances still come from ``x`` itself.
     finite = torch.isfinite(x).all(dim=1)
+    scale = _power_of_two_scale(x, finite)
+    x = x / scale
+    # The expansion loses digits in proportion to |a|^2 / |a - b|^2, so candidates are ranked on the cloud centred
+    # on the mean of its finite rows. The returned distances come from the rows themselves, not from the expansion.
     centred = x - x[finite].mean(dim=0) if bool(finite.any()) else x
     squared_norms = (centred * centred).sum(dim=1)
     all_indices = torch.empty((m, k), dtype=torch.long, device=x.device)
@@ -107,11 +127,22 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
         rows = torch.arange(stop - start, device=x.device)
         block[rows, rows + start] = float("inf")
         chosen = torch.topk(block, k, dim=1, largest=False, sorted=False).indices
-        distances = torch.linalg.vector_norm(x[start:stop, None, :] - x[chosen], dim=2)
+        distances = torch.linalg.vector_norm(x[start:stop, None, :] - x[chosen], dim=2) * scale
         distances, order = torch.sort(distances, dim=1)
         all_distances[start:stop] = distances
         all_indices[start:stop] = torch.gather(chosen, 1, order)
     return all_distances, all_indices
+
+
+def _power_of_two_scale(x: Tensor, finite: Tensor) -> Tensor:
+    """Return the largest power of two not above the largest finite ``|x|`` (0.5 when that is 0), as a 0-d tensor.
+
+    Dividing by it leaves every finite entry below 2 in magnitude, and the scale itself stays representable even
+    when the largest entry is close to the dtype's maximum.
+    """
+    magnitude = torch.where(finite[:, None], x.abs(), 0).amax()
+    _, exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.ones_like(magnitude), exponent - 1)
 
 
 def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neighbourhoods:

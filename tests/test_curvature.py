@@ -127,6 +127,18 @@ def test_sphere_curvature_shrinks_with_denser_sampling():
     assert dense < 0.7 * sparse
 
 
+def test_small_sphere_sample_stays_curved_with_default_tangent_dim():
+    # With 200 points and k = 10, TLE reads the sphere as about 3-dimensional. A 3-dimensional tangent space would
+    # fill R^3 and make every angle 0, so the default must stay below the ambient dimension.
+    sphere = unit_sphere(200, seed=4)
+
+    default = float(curvature(sphere, k=10).overall)
+    explicit = float(curvature(sphere, k=10, tangent_dim=2).overall)
+
+    assert default > 0.05
+    assert default == pytest.approx(explicit, rel=1e-12)
+
+
 def test_curvature_invariant_to_rotation_translation_and_scaling():
     generator = torch.Generator().manual_seed(3)
     surface = unit_sphere(300) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)

@@ -16,6 +16,7 @@ from pmg_torch import (
     neighbourhoods,
     participation_ratio,
 )
+from pmg_torch.dimension import tle_pointwise
 
 BENCHMARK_SIZE = 400
 
@@ -65,6 +66,20 @@ def test_tle_equals_skdim_with_other_k():
     ours = float(intrinsic_dimension(torch.from_numpy(points), "tle", k=10))
 
     assert ours == pytest.approx(skdim_dimension(skdim.id.TLE(), points, n_neighbors=10), rel=1e-6)
+
+
+def test_tle_pointwise_equals_skdim_on_grid_ties():
+    # On a grid several neighbours tie with the k-th, which scikit-dimension handles as a special case, and
+    # reflected neighbours coincide, which both implementations drop. Same neighbourhoods, per point.
+    grid = np.stack(np.meshgrid(np.arange(7), np.arange(7), np.arange(3)), axis=-1).reshape(-1, 3) * 0.5
+    nb = neighbourhoods(torch.from_numpy(grid.astype(np.float64)), 20)
+    points, distances, indices = nb.points.numpy(), nb.distances.numpy(), nb.indices.numpy()
+    assert (distances == distances[:, -1:]).sum(axis=1).max() > 1
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = [skdim.id.TLE()._idtle(points[indices[i]], distances[[i]]) for i in range(len(points))]
+
+    np.testing.assert_allclose(tle_pointwise(nb).numpy(), expected, rtol=1e-10)
 
 
 def test_tle_is_invariant_to_scale():
