@@ -16,16 +16,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from pmg_torch._validation import DegenerateInputWarning, check_positive_int
+from pmg_torch.accuracy import ACCURACY_TAG, SPEARMAN_TAG, AccuracyCapture, accuracy_scalars
 from pmg_torch.analysis import AVAILABLE_METRICS, DEFAULT_METRICS, ManifoldReport, analyze
 from pmg_torch.capture import EmbeddingCapture
 from pmg_torch.tensorboard import write_local_curvature_histograms
+from pmg_torch.views import write_figures, write_layout
+
+from .packages import CallbackBase, tensorboard_writers
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,41 @@ LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 #: Tag prefix of everything the callback logs.
 TAG_PREFIX = "pmg"
 
+#: Metrics measured on every run by default. Shape similarity adds about 5% to the cost of the package defaults
+#: (measured with analyze on 10 classes of 55 x 64 and of 1000 x 512 rows, and 100 classes of 200 x 512, on a CPU).
+CALLBACK_METRICS = (*DEFAULT_METRICS, "shape_similarity")
 
-class ManifoldGeometryCallback(Callback):
+#: Datamodule attributes searched, in this order, for class names when ``class_names`` is not given.
+CLASS_NAME_ATTRIBUTES = ("class_names", "classes")
+
+
+class ManifoldGeometryCallback(CallbackBase):
     """Log the geometry of every class's embeddings (curvature, volume, intrinsic dimension, ...) while training.
 
     A perceptual manifold is the cloud ``Z_c`` of shape ``(m_c, D)`` of one layer's rows for the validation samples
     of class ``c``. On every validation epoch that is due, the callback records those rows, computes the metrics of
     :func:`pmg_torch.analyze` per class and logs ``pmg/<metric>/<class>`` and ``pmg/<metric>/mean`` scalars to
-    every logger of the trainer at ``trainer.global_step``. TensorBoard loggers also get a histogram
-    ``pmg/local_curvature/<class>`` of the per-point curvature. The last report stays in :attr:`last_report`.
+    every logger of the trainer at ``trainer.global_step``. The last report stays in :attr:`last_report`.
+
+    Per-class accuracy comes from the same forward passes: the callback hooks the output of ``logits_layer`` (by
+    default the last ``nn.Linear``, whose input is the recorded embedding), takes its argmax as the prediction and
+    logs ``pmg/accuracy/<class>``, ``pmg/accuracy/mean`` (the balanced accuracy) and, over the classes,
+    ``pmg/spearman/<metric>``, the Spearman rank correlation of each metric with accuracy. A correlation needs at
+    least 3 classes with both values and is not logged otherwise, nor when every class has the same accuracy.
+    ``validation_step`` may return anything or nothing. The latest accuracy stays in :attr:`last_accuracy`.
+
+    TensorBoard loggers, of either Lightning package, also get a histogram ``pmg/local_curvature/<class>`` of the
+    per-point curvature, images under ``pmg/figures/`` (a bar chart per metric, the shape-similarity heatmap,
+    each metric against accuracy, and the H1 persistence diagrams on runs with holes), and once per run a
+    custom-scalars layout with one chart per metric that holds every class and the mean. Other loggers, such as
+    ``CSVLogger``, get the scalars only. Class names come from ``class_names``, or else from the datamodule's
+    ``class_names`` or ``classes`` attribute, and replace the labels in tags and figures.
+
+    To stop early or checkpoint on a geometry scalar, name its tag in ``monitor``: the callback then also logs it
+    with ``pl_module.log(tag, value, logger=False)``, which puts it in ``trainer.callback_metrics`` on every rank,
+    where ``EarlyStopping`` and ``ModelCheckpoint`` read it. On epochs the callback does not measure, Lightning
+    keeps the previous value there, so give ``EarlyStopping`` the same schedule as ``every_n_epochs``, or its
+    patience counts repeats. A NaN value is passed on as NaN.
 
     When it runs:
 
@@ -78,17 +106,35 @@ class ManifoldGeometryCallback(Callback):
         expensive_metrics: metric names added only every ``expensive_every_n_epochs`` epochs.
         expensive_every_n_epochs: the schedule of ``expensive_metrics``; ``0`` or ``None`` switches them off.
         log_histograms: whether TensorBoard loggers get per-point curvature histograms.
-        class_names: display names of the classes, passed to :func:`pmg_torch.analyze`.
+        class_names: display names of the classes, as a mapping from label or a sequence indexed by label;
+            ``None`` looks for them on the datamodule.
         label_key: where the labels are in a dict batch, or a callable ``batch -> labels``.
         seed: seed of the row sampling and of the seeded metrics.
+        log_figures: whether TensorBoard loggers get the figures and the custom-scalars layout.
+        log_accuracy: whether to count per-class accuracy and log it with its Spearman correlations.
+        logits_layer: the layer whose output are the logits, as for :class:`pmg_torch.AccuracyCapture`: a
+            dotted module name (``""`` for the LightningModule's own output), a module, or ``None`` for the output
+            of the last ``nn.Linear``.
+        monitor: scalar tags, such as ``"pmg/curvature/mean"``, to put in ``trainer.callback_metrics``.
 
     Raises:
         TypeError: if an argument has the wrong type.
-        ValueError: if a number is out of range or a metric name is unknown.
+        ValueError: if a number is out of range, a metric name is unknown, or a ``monitor`` tag names no metric
+            the callback logs; and when fitting or validation starts, if ``layer`` or ``logits_layer`` names no
+            module of the model, or ``layer`` is ``None`` and the model has no ``nn.Linear``. The message lists the
+            layer names the model has.
 
     Warns:
         DegenerateInputWarning: from :func:`pmg_torch.analyze`, once per class and metric that is NaN, and once per
             run that captured no rows at all.
+        UserWarning: once per rank and epoch whose recording stopped because a batch's labels could not be read or
+            the layer's rows could not be recorded (for example a layer that runs twice per forward). Nothing is
+            logged for that epoch on any rank, and training continues.
+        RuntimeWarning: when computing the geometry failed for a reason other than degenerate data. Nothing is
+            logged for that epoch, and training continues.
+        UserWarning: once per epoch whose accuracy could not be counted (the logits layer's output is not
+            ``(B, C)`` logits for the labels), and once if ``logits_layer`` is ``None`` and the model has no
+            ``nn.Linear``. The geometry is logged without accuracy.
 
     Example::
 
@@ -110,6 +156,10 @@ class ManifoldGeometryCallback(Callback):
         class_names: Mapping[int, str] | Sequence[str] | None = None,
         label_key: str | Callable[[Any], Any] | None = None,
         seed: int = 0,
+        log_figures: bool = True,
+        log_accuracy: bool = True,
+        logits_layer: str | nn.Module | None = None,
+        monitor: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if layer is not None and not isinstance(layer, (str, nn.Module)):
@@ -126,15 +176,21 @@ class ManifoldGeometryCallback(Callback):
                 "Expected `class_names` to be a mapping from label to name, a sequence of names indexed by label, "
                 f"or None, got {type(class_names).__name__}."
             )
-        if not isinstance(log_histograms, bool):
-            raise TypeError(f"Expected `log_histograms` to be a bool, got {type(log_histograms).__name__}.")
+        flags = {"log_histograms": log_histograms, "log_figures": log_figures, "log_accuracy": log_accuracy}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise TypeError(f"Expected `{name}` to be a bool, got {type(flag).__name__}.")
+        if logits_layer is not None and not isinstance(logits_layer, (str, nn.Module)):
+            raise TypeError(
+                f"Expected `logits_layer` to be a module name, an nn.Module or None, got {type(logits_layer).__name__}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Expected `seed` to be a non-negative int, got {seed!r}.")
         self.layer = layer
         self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
         self.k = check_positive_int(k, "k")
         self.max_per_class = check_positive_int(max_per_class, "max_per_class")
-        self.metrics = _check_metric_names(DEFAULT_METRICS if metrics is None else metrics, "metrics")
+        self.metrics = _check_metric_names(CALLBACK_METRICS if metrics is None else metrics, "metrics")
         self.expensive_metrics = _check_metric_names(expensive_metrics or (), "expensive_metrics")
         if expensive_every_n_epochs is None or expensive_every_n_epochs == 0:
             self.expensive_every_n_epochs = 0
@@ -144,10 +200,20 @@ class ManifoldGeometryCallback(Callback):
         self.class_names = class_names
         self.label_key = label_key
         self.seed = seed
+        self.log_figures = log_figures
+        self.log_accuracy = log_accuracy
+        self.logits_layer = logits_layer
+        self.monitor = self._check_monitor(monitor)
 
         #: The report of the latest run on rank zero. It is ``None`` before the first run and on other ranks.
         self.last_report: ManifoldReport | None = None
+        #: Per-class validation accuracy of the latest run on rank zero, or ``None``.
+        self.last_accuracy: dict[int, float] | None = None
         self._capture: EmbeddingCapture | None = None
+        self._accuracy: AccuracyCapture | None = None
+        self._warned_no_logits = False
+        # Every scalar of the latest run, NaN included, by tag: the source of the monitored values.
+        self._logged: dict[str, float] = {}
         self._run_expensive = False
         self._n_runs = 0
         # Per validation dataloader: samples this rank has seen this epoch, and how many of its samples are real.
@@ -191,22 +257,37 @@ class ManifoldGeometryCallback(Callback):
 
     # -- hooks ------------------------------------------------------------------------------------------------------
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resolving the layer now makes a model without it fail before training, not after the first epoch.
+        EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed)
+        if self.log_accuracy and self.logits_layer is not None:
+            AccuracyCapture(pl_module, self.logits_layer)
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
         if not self._is_due(trainer):
             return
         self._run_expensive = self._expensive_is_due(trainer)
         self._samples_seen, self._real_samples = {}, {}
-        self._capture = EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed)
+        self._capture = EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed, on_error="stop")
         self._capture.attach()
+        self._accuracy = self._start_accuracy(pl_module)
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._capture is None:
+        if self._capture is None or self._capture.error is not None:
             return
-        labels = self._labels_from_batch(batch)
-        self._capture.set_labels(labels, keep=self._padding_mask(trainer, dataloader_idx, labels.shape[0]))
+        try:
+            labels = self._labels_from_batch(batch)
+            keep = self._padding_mask(trainer, dataloader_idx, labels.shape[0])
+            self._capture.set_labels(labels, keep=keep)
+            if self._accuracy is not None and self._accuracy.error is None:
+                self._accuracy.set_labels(labels, keep=keep)
+        except Exception as error:
+            # A batch whose labels cannot be read stops this epoch's recording instead of ending the training run.
+            # on_validation_epoch_end then warns about it.
+            self._capture.stop(error)
 
     def _padding_mask(self, trainer: pl.Trainer, dataloader_idx: int, batch_size: int) -> Tensor | None:
         """Return which samples of the batch are real, or ``None`` when none is a distributed sampler's repeat."""
@@ -220,17 +301,41 @@ class ManifoldGeometryCallback(Callback):
         return torch.arange(first, first + batch_size) < n_real
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        capture = self._capture
+        if self._capture is None:
+            return
+        self._logged = {}
+        self._measure_epoch(trainer, pl_module)
+        if self.monitor:
+            self._log_monitored(trainer, pl_module)
+
+    def _measure_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        capture, accuracy_capture = self._capture, self._accuracy
         if capture is None:
             return
         self._remove_hook()
-        # Every rank takes part in the gather whatever it captured, because a rank that skipped it would leave the
-        # others waiting in the collective.
-        clouds = gather_class_rows(
-            capture.embeddings, trainer.strategy.all_gather, trainer.world_size, pl_module.device
-        )
+        # Every rank takes part in each collective whatever it captured, because a rank that skipped one would leave
+        # the others waiting in it.
+        failure = capture.error
+        clouds: dict[int, Tensor] = {}
+        try:
+            clouds = gather_class_rows(
+                {} if failure else capture.embeddings, trainer.strategy.all_gather, trainer.world_size, pl_module.device
+            )
+        except ValueError as error:
+            # Rows of different widths on different ranks: every rank sees the same sizes and stops here alike.
+            failure = failure or error
+        any_failure = trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
+        accuracy = self._gather_accuracy(trainer, pl_module, accuracy_capture, warn=failure is None)
         self._n_runs += 1
-        if not trainer.is_global_zero:
+        if failure is not None:
+            warnings.warn(
+                f"ManifoldGeometryCallback stopped recording layer {capture.layer_name!r} at epoch "
+                f"{trainer.current_epoch} on rank {trainer.global_rank}: {failure} Nothing is logged for this epoch, "
+                "and training continues.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not trainer.is_global_zero or any_failure:
             return
         if trainer.world_size > 1:
             clouds = _cut_to_max_per_class(clouds, self.max_per_class, self.seed)
@@ -242,10 +347,9 @@ class ManifoldGeometryCallback(Callback):
                 stacklevel=2,
             )
             return
+        class_names = self._class_names(trainer)
         try:
-            report = analyze(
-                clouds, k=self.k, metrics=self._metrics_for_run(), class_names=self.class_names, seed=self.seed
-            )
+            report = analyze(clouds, k=self.k, metrics=self._metrics_for_run(), class_names=class_names, seed=self.seed)
         except Exception as error:
             # The monitor must never end a training run. Degenerate data already gives NaN inside analyze, so an
             # error here is a defect in metric code, reported in full but not raised.
@@ -258,7 +362,8 @@ class ManifoldGeometryCallback(Callback):
             )
             return
         self.last_report = report
-        self._log_report(trainer, report)
+        self.last_accuracy = accuracy
+        self._log_report(trainer, report, accuracy)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hook()
@@ -270,6 +375,9 @@ class ManifoldGeometryCallback(Callback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._accuracy is not None:
+            self._accuracy.remove()
+            self._accuracy = None
 
     # -- labels -----------------------------------------------------------------------------------------------------
 
@@ -311,8 +419,10 @@ class ManifoldGeometryCallback(Callback):
 
     # -- logging ----------------------------------------------------------------------------------------------------
 
-    def _log_report(self, trainer: pl.Trainer, report: ManifoldReport) -> None:
+    def _log_report(self, trainer: pl.Trainer, report: ManifoldReport, accuracy: dict[int, float] | None) -> None:
         scalars = report.scalars(prefix=TAG_PREFIX)
+        if accuracy is not None:
+            scalars.update(accuracy_scalars(report, accuracy, TAG_PREFIX))
         finite = {tag: value for tag, value in scalars.items() if math.isfinite(value)}
         if len(finite) < len(scalars):
             # TensorBoard cannot draw a NaN point, so undefined values are left out, as write_report does.
@@ -325,10 +435,131 @@ class ManifoldGeometryCallback(Callback):
             )
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=trainer.global_step)
-        if self.log_histograms:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    write_local_curvature_histograms(logger.experiment, report, trainer.global_step, TAG_PREFIX)
+        self._logged = scalars
+        for writer in tensorboard_writers(trainer):
+            if self.log_histograms:
+                write_local_curvature_histograms(writer, report, trainer.global_step, TAG_PREFIX)
+            if self.log_figures:
+                self._write_views(writer, report, accuracy, trainer.global_step)
+
+    def _write_views(self, writer: Any, report: ManifoldReport, accuracy: dict[int, float] | None, step: int) -> None:
+        try:
+            # The layout names every metric the callback can log, so one layout serves the whole run.
+            class_tags = list(report.tag_names().values())
+            write_layout(writer, self._logged_metrics(), class_tags, TAG_PREFIX, accuracy=self.log_accuracy)
+            write_figures(writer, report, step, TAG_PREFIX, accuracy)
+        except Exception as error:
+            # Drawing is the least essential output, so a failure in it must not end the training run.
+            log.exception("ManifoldGeometryCallback failed to write its figures at step %d.", step)
+            warnings.warn(
+                f"ManifoldGeometryCallback failed to write its figures at step {step} "
+                f"({type(error).__name__}: {error}); the scalars were logged and training continues.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _logged_metrics(self) -> list[str]:
+        expensive = self.expensive_metrics if self.expensive_every_n_epochs else ()
+        return [name for name in AVAILABLE_METRICS if name in self.metrics or name in expensive]
+
+    def _class_names(self, trainer: pl.Trainer) -> Mapping[int, str] | Sequence[str] | None:
+        """Return ``class_names``, or else the first datamodule attribute of :data:`CLASS_NAME_ATTRIBUTES` that
+        holds a mapping or a sequence of names."""
+        if self.class_names is not None:
+            return self.class_names
+        datamodule = getattr(trainer, "datamodule", None)
+        for attribute in CLASS_NAME_ATTRIBUTES:
+            names = getattr(datamodule, attribute, None)
+            if isinstance(names, Mapping) or (isinstance(names, Sequence) and not isinstance(names, str)):
+                return names
+        return None
+
+    # -- accuracy ---------------------------------------------------------------------------------------------------
+
+    def _start_accuracy(self, pl_module: pl.LightningModule) -> AccuracyCapture | None:
+        if not self.log_accuracy:
+            return None
+        try:
+            capture = AccuracyCapture(pl_module, self.logits_layer)
+        except ValueError as error:
+            # With the default layer this means the model has no nn.Linear: the geometry is still measured.
+            if not self._warned_no_logits:
+                warnings.warn(
+                    f"ManifoldGeometryCallback logs no per-class accuracy: {error} Pass `logits_layer` to name the "
+                    "layer that outputs the logits, or `log_accuracy=False`.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._warned_no_logits = True
+            return None
+        capture.attach()
+        return capture
+
+    def _gather_accuracy(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, capture: AccuracyCapture | None, warn: bool
+    ) -> dict[int, float] | None:
+        """Sum the per-class counts of every rank and return the accuracy, or ``None`` if any rank has none.
+
+        Every rank must call this, because it runs two collectives when ``log_accuracy`` is set.
+        """
+        if not self.log_accuracy:
+            return None
+        usable = capture is not None and capture.error is None
+        counts: dict[int, Tensor] = {}
+        if capture is not None and usable:
+            correct = capture.accuracy.correct
+            counts = {
+                label: torch.tensor([[correct[label], total]], dtype=torch.float64)
+                for label, total in capture.accuracy.total.items()
+            }
+        # Counts travel as float32 rows, exact below 2**24 samples of a class on one rank.
+        gathered = gather_class_rows(counts, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+        all_usable = trainer.strategy.reduce_boolean_decision(usable, all=True)
+        if capture is not None and capture.error is not None and warn:
+            warnings.warn(
+                f"ManifoldGeometryCallback could not count per-class accuracy at epoch {trainer.current_epoch} on "
+                f"rank {trainer.global_rank}: {capture.error} The geometry is logged without accuracy; pass "
+                "`logits_layer` to name the layer that outputs the logits, or `log_accuracy=False`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not all_usable:
+            return None
+        accuracy = {}
+        for label, rows in gathered.items():
+            correct_total, total = rows.double().sum(dim=0).tolist()
+            accuracy[label] = correct_total / total
+        return accuracy
+
+    # -- monitoring -------------------------------------------------------------------------------------------------
+
+    def _check_monitor(self, monitor: Any) -> tuple[str, ...]:
+        if isinstance(monitor, str) or not isinstance(monitor, Sequence):
+            raise TypeError(
+                f"Expected `monitor` to be a list of scalar tags such as ['pmg/curvature/mean'], got "
+                f"{type(monitor).__name__} ({monitor!r})."
+            )
+        logged = set(self.metrics) | set(self.expensive_metrics)
+        if self.log_accuracy:
+            logged |= {ACCURACY_TAG, SPEARMAN_TAG}
+        for tag in monitor:
+            parts = tag.split("/") if isinstance(tag, str) else []
+            if len(parts) != 3 or parts[0] != TAG_PREFIX or parts[1] not in logged or not parts[2]:
+                raise ValueError(
+                    f"Expected each `monitor` tag to be '{TAG_PREFIX}/<metric>/<class or mean>' with a metric the "
+                    f"callback logs, one of {sorted(logged)}; got {tag!r}."
+                )
+        return tuple(monitor)
+
+    def _log_monitored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put this run's values of the ``monitor`` tags into ``trainer.callback_metrics`` on every rank."""
+        values = {tag: self._logged[tag] for tag in self.monitor if tag in self._logged}
+        # Rank zero alone computed the values, but EarlyStopping and ModelCheckpoint read them on every rank.
+        values = trainer.strategy.broadcast(values if trainer.is_global_zero else {}, src=0)
+        for tag, value in values.items():
+            # Every rank holds the same value after the broadcast, so the mean that sync_dist takes leaves it as it
+            # is; without sync_dist, Lightning warns about unsynchronised epoch-level values under DDP.
+            pl_module.log(tag, value, logger=False, sync_dist=True)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ and :func:`analyze` computes every metric per class.
 """
 
 from ._validation import DegenerateInputWarning
+from .accuracy import AccuracyCapture, ClassAccuracy, accuracy_scalars, spearman_correlation
 from .analysis import AVAILABLE_METRICS, DEFAULT_METRICS, ManifoldReport, analyze
 from .capture import EmbeddingCapture
 from .compat import (
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AVAILABLE_METRICS",
+    "AccuracyCapture",
+    "ClassAccuracy",
     "CurvatureResult",
     "DEFAULT_METRICS",
     "DegenerateInputWarning",
@@ -36,6 +39,7 @@ __all__ = [
     "ManifoldReport",
     "Neighbourhoods",
     "VolumeResult",
+    "accuracy_scalars",
     "analyze",
     "calculate_volume",
     "curvature",
@@ -56,6 +60,7 @@ __all__ = [
     "remove_duplicate_rows",
     "shape_similarity",
     "shape_similarity_matrix",
+    "spearman_correlation",
     "volume",
     "write_report",
 ]

@@ -204,11 +204,17 @@ class ManifoldReport:
             "settings": dict(self.settings),
         }
 
-    def to_tensorboard(self, writer: SummaryWriter, step: int, prefix: str = "pmg") -> None:
-        """Write the report's scalars and local-curvature histograms; see :func:`pmg_torch.tensorboard.write_report`."""
+    def to_tensorboard(
+        self, writer: SummaryWriter, step: int, prefix: str = "pmg", accuracy: Mapping[int, float] | None = None
+    ) -> None:
+        """Write the report's scalars, histograms, figures and chart layout; see :func:`pmg_torch.write_report`.
+
+        ``accuracy`` maps class labels to their accuracy; with it, per-class accuracy and the Spearman correlation
+        of each metric with it are written too.
+        """
         from .tensorboard import write_report
 
-        write_report(writer, self, step, prefix=prefix)
+        write_report(writer, self, step, prefix=prefix, accuracy=accuracy)
 
 
 class _Settings(NamedTuple):

@@ -17,10 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._validation import check_positive_int
+from ._validation import check_choice, check_positive_int
 
 #: Maximum number of layer names an error message lists before it summarises the rest as "and N more".
 MAX_LISTED_NAMES = 30
+
+#: Values of the ``on_error`` argument of :class:`EmbeddingCapture`.
+ON_ERROR_CHOICES = ("raise", "stop")
 
 
 class EmbeddingCapture:
@@ -47,19 +50,26 @@ class EmbeddingCapture:
     the same seed picks the same rows on CPU and GPU.
 
     NOTE: a module that runs more than once per forward, such as a shared block, fires the hook each time. The
-    second call finds no labels and raises, so choose a layer that runs once per forward.
+    second call finds no labels and fails, so choose a layer that runs once per forward.
+
+    A forward whose rows cannot be recorded (no labels were set, the row count differs from the label count, the
+    width changed, or the layer gave no tensor) raises from the hook by default. With ``on_error="stop"`` the hook
+    instead keeps the exception in :attr:`error`, removes itself and lets the forward finish, so that a monitor
+    never ends the run it watches.
 
     Args:
         model: the network to watch.
         layer: a dotted module name, a module inside ``model``, or ``None`` for the input of the last ``nn.Linear``.
         max_per_class: most rows kept per class.
         seed: seed of the sampling generator. :meth:`reset` restarts it, so every epoch samples alike.
+        on_error: ``"raise"`` or ``"stop"``, what a forward whose rows cannot be recorded does; see above.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``layer`` is neither a name, a module nor ``None``, or
             ``seed`` is not an int.
         ValueError: if ``layer`` names no module of ``model``, the module is not inside ``model``, ``layer`` is
-            ``None`` and ``model`` has no ``nn.Linear``, ``max_per_class < 1`` or ``seed < 0``.
+            ``None`` and ``model`` has no ``nn.Linear``, ``max_per_class < 1``, ``seed < 0`` or ``on_error`` is
+            unknown.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -73,7 +83,13 @@ class EmbeddingCapture:
     """
 
     def __init__(
-        self, model: nn.Module, layer: str | nn.Module | None = None, max_per_class: int = 1000, *, seed: int = 0
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | None = None,
+        max_per_class: int = 1000,
+        *,
+        seed: int = 0,
+        on_error: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
@@ -82,9 +98,12 @@ class EmbeddingCapture:
             raise TypeError(f"Expected `seed` to be an int, got {type(seed).__name__} ({seed!r}).")
         if seed < 0:
             raise ValueError(f"Expected `seed` to be at least 0, got {seed}.")
+        self.on_error = check_choice(on_error, "on_error", ON_ERROR_CHOICES)
         self.model = model
         self.seed = seed
         self.layer_name, self.module, self.captures_input = _resolve_layer(model, layer)
+        #: Why recording stopped, with ``on_error="stop"`` or after :meth:`stop`; ``None`` while it runs.
+        self.error: Exception | None = None
         self._handle: RemovableHandle | None = None
         self._pending_labels: Tensor | None = None
         self._pending_keep: Tensor | None = None
@@ -128,6 +147,11 @@ class EmbeddingCapture:
             self._handle = None
         self._pending_labels = None
         self._pending_keep = None
+
+    def stop(self, error: Exception) -> None:
+        """Remove the hook and keep ``error`` in :attr:`error` as the reason recording stopped. Stored rows stay."""
+        self.error = error
+        self.remove()
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -188,10 +212,19 @@ class EmbeddingCapture:
     # -- hooks -----------------------------------------------------------------------------------------------------
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._record(_first_tensor(args, f"the input of layer {self.layer_name!r}"))
+        self._record_or_stop(args, "input")
 
     def _forward_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._record(_first_tensor(output, f"the output of layer {self.layer_name!r}"))
+        self._record_or_stop(output, "output")
+
+    def _record_or_stop(self, hooked: Any, role: str) -> None:
+        try:
+            self._record(_first_tensor(hooked, f"the {role} of layer {self.layer_name!r}"))
+        except (TypeError, ValueError) as error:
+            if self.on_error == "raise":
+                raise
+            # PyTorch iterates over a copy of the module's hooks, so removing this one inside it is safe.
+            self.stop(error)
 
     @torch.no_grad()
     def _record(self, hooked: Tensor) -> None:

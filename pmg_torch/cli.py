@@ -141,7 +141,7 @@ def select_array(
         if name in arrays:
             return arrays[name]
     raise InputError(
-        f"{path}: contains {len(arrays)} arrays ({_list_names(arrays)}), and none has a {role} name "
+        f"{path}: contains {len(arrays)} arrays ({_list_names(arrays)}), and none is named as {role} "
         f"({', '.join(names)}). Choose one with {option}."
     )
 
@@ -408,7 +408,7 @@ def _add_metric_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=20,
         metavar="K",
-        help="nearest neighbours per point for curvature and kNN dimension",
+        help="nearest neighbours per point for curvature and kNN dimension, at least 2",
     )
     group.add_argument(
         "--tangent-dim",

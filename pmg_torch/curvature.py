@@ -29,7 +29,14 @@ from ._validation import (
     working_dtype,
 )
 from .dimension import tle_pointwise
-from .neighbours import MAX_BLOCK_ENTRIES, Neighbourhoods, neighbourhoods, remove_duplicate_rows
+from .neighbours import (
+    MAX_BLOCK_ENTRIES,
+    Neighbourhoods,
+    neighbour_offset_grams,
+    neighbour_pairs,
+    neighbourhoods,
+    remove_duplicate_rows,
+)
 
 METHODS = ("tangent", "reference")
 
@@ -37,6 +44,24 @@ METHODS = ("tangent", "reference")
 #: tangent dimension is capped at the numerical rank. The float64 Gram eigenvalues put the noise floor near 1e-7,
 #: and float32 coordinates add about 1e-7 times the distance from the origin over the neighbourhood's spread.
 RANK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+#: Most distinct rows for which float32 and half input take the Gram route of the tangent method, where one
+#: ``n x n`` float64 Gram matrix of the cloud replaces every product of length ``D`` between tangent bases. At this
+#: size the matrix has :data:`pmg_torch.neighbours.MAX_BLOCK_ENTRIES` entries (128 MiB).
+GRAM_ROUTE_MAX_POINTS = 4096
+
+#: Largest error, in radians, that rounding may leave in the mean principal angle of a pair of neighbours. Pairs
+#: whose angles come from cosines and may exceed it are measured again from residuals. float64 input gets 0, so all
+#: of its angles come from residuals and match per-point references to about 1e-12. For float32 input, 1e-6 is
+#: about what the input's own rounding moves a tangent direction by when the cloud's extent is ten times a
+#: neighbourhood's.
+ANGLE_TOLERANCE = {torch.float64: 0.0, torch.float32: 1e-6}
+
+#: Entries of one block of the pair computations (gathered Gram blocks or bases), 2**20 (8 MiB in float64). Larger
+#: blocks ran slower, and much smaller ones pay the fixed cost of each batched call too often.
+PAIR_BLOCK_ENTRIES = 2**20
+
+_EPSILON = torch.finfo(torch.float64).eps
 
 
 class CurvatureResult(NamedTuple):
@@ -158,12 +183,13 @@ def curvature_from_neighbourhoods(
     return _curvature(nb, method, tangent_dim, None)
 
 
-def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor) -> int:
+def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor, local_dimensions: Tensor | None = None) -> int:
     """Choose the tangent dimension: rounded TLE, clamped to ``[1, min(k - 1, D - 1)]`` and to the numerical rank.
 
     A tangent space as wide as the ambient space contains every other one, so every angle would be 0: the clamp to
     ``D - 1`` keeps a sphere in R^3 curved when TLE reads it as 3-dimensional. ``eigenvalues`` ``(n, k)`` are
-    those of each neighbourhood's Gram matrix ``M_i M_i^T``, descending. See the
+    those of each neighbourhood's Gram matrix ``M_i M_i^T``, descending. ``local_dimensions`` ``(n,)`` are the
+    pointwise TLE estimates when the caller has them (:func:`pmg_torch.dimension.tle_pointwise`). See the
     ``tangent_dim`` argument of :func:`curvature` for when this choice is off.
     """
     dim = nb.points.shape[1]
@@ -171,32 +197,71 @@ def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor) -> int:
     tolerance = RANK_TOLERANCE.get(nb.points.dtype, RANK_TOLERANCE[torch.float32])
     ranks = (singular_values > tolerance * singular_values[:, :1]).sum(dim=1)
     median_rank = int(ranks.median())
-    estimate = float(tle_pointwise(nb).mean())
+    if local_dimensions is None:
+        local_dimensions = tle_pointwise(nb)
+    estimate = float(local_dimensions.mean())
     rounded = math.floor(estimate + 0.5) if math.isfinite(estimate) else 1
     return max(1, min(rounded, nb.k - 1, max(dim - 1, 1), median_rank))
 
 
 def _curvature(nb: Neighbourhoods, method: str, tangent_dim: int | None, chunk_size: int | None) -> CurvatureResult:
-    points = nb.points.to(torch.float64)
     try:
         if method == "reference":
-            local = _reference_local_curvature(points, nb.indices, chunk_size)
+            local = _reference_local_curvature(nb.points.to(torch.float64), nb.indices, chunk_size)
         else:
-            local = _tangent_local_curvature(nb, points, tangent_dim, chunk_size)
+            local = _tangent_local_curvature(nb, tangent_dim, chunk_size)
     except torch.linalg.LinAlgError as error:
         raise DegenerateInputError(f"a neighbourhood's decomposition failed ({error})") from error
     dtype = nb.points.dtype
     return CurvatureResult(local.mean().to(dtype), local.to(dtype))
 
 
-def _tangent_local_curvature(
-    nb: Neighbourhoods, points: Tensor, tangent_dim: int | None, chunk_size: int | None
-) -> Tensor:
-    eigenvalues, eigenvectors = _neighbourhood_spectra(points, nb.indices, chunk_size)
+def _tangent_local_curvature(nb: Neighbourhoods, tangent_dim: int | None, chunk_size: int | None) -> Tensor:
+    """Mean principal angle between each point's tangent space and its neighbours', ``(n,)`` in float64.
+
+    Each unordered pair of neighbours is measured once, because the angles between ``T_i`` and ``T_j`` do not
+    depend on the order. float32 and half input of at most :data:`GRAM_ROUTE_MAX_POINTS` rows take the Gram route
+    (:func:`_gram_route_angles`), and the pairs it cannot measure to :data:`ANGLE_TOLERANCE` are measured again from
+    residuals in ``R^D``. Other input builds every tangent basis in ``R^D`` and takes the angles from cosines when
+    their rounding stays within the tolerance, from residuals otherwise.
+    """
+    offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size)
+    eigenvalues, eigenvectors = _neighbourhood_spectra(offset_grams)
     if tangent_dim is None:
-        tangent_dim = default_tangent_dim(nb, eigenvalues)
-    bases = _tangent_bases(points, nb.indices, eigenvectors[:, :, :tangent_dim], chunk_size)
-    return _mean_principal_angles(bases, nb.indices, chunk_size)
+        tangent_dim = default_tangent_dim(nb, eigenvalues, tle_pointwise(nb, offset_grams=offset_grams))
+    left_vectors = eigenvectors[:, :, :tangent_dim]
+    pairs, slots = neighbour_pairs(nb.indices)
+    points = nb.points.to(torch.float64)
+    tolerance = ANGLE_TOLERANCE.get(nb.points.dtype, ANGLE_TOLERANCE[torch.float32])
+
+    if nb.points.dtype != torch.float64 and points.shape[0] <= GRAM_ROUTE_MAX_POINTS:
+        singular_values = eigenvalues[:, :tangent_dim].clamp_min(0).sqrt()
+        angles, unreliable = _gram_route_angles(points, nb.indices, pairs, singular_values, left_vectors, tolerance)
+        redo = unreliable.nonzero().squeeze(1)
+        if redo.numel() > 0:
+            involved, redo_pairs = torch.unique(pairs[redo], return_inverse=True)
+            bases = _tangent_bases(points, nb.indices[involved], left_vectors[involved], chunk_size)
+            angles[redo] = _residual_angles(bases, redo_pairs, chunk_size)
+    else:
+        bases = _tangent_bases(points, nb.indices, left_vectors, chunk_size)
+        if math.sqrt(_basis_cosine_error(tangent_dim, points.shape[1])) <= tolerance:
+            angles = _basis_angles(bases, pairs, chunk_size)
+        else:
+            angles = _residual_angles(bases, pairs, chunk_size)
+    return angles[slots].mean(dim=1)
+
+
+def _neighbourhood_spectra(offset_grams: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decompose each ``k x k`` Gram matrix ``M_i M_i^T``; return ``(n, k)`` values and ``(n, k, k)`` vectors.
+
+    Both are sorted by descending eigenvalue. ``M_i M_i^T`` is the double-centred offset Gram matrix, because
+    centring on the neighbours' mean removes the point itself. The ``k x k`` Gram is much cheaper than a ``k x D``
+    SVD when ``D >> k``, and its eigenvectors are the left singular vectors of ``M_i``.
+    """
+    centred = offset_grams - offset_grams.mean(dim=1, keepdim=True)
+    centred = centred - centred.mean(dim=2, keepdim=True)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred)
+    return eigenvalues.flip(-1), eigenvectors.flip(-1)
 
 
 def _centred_neighbourhoods(points: Tensor, indices: Tensor) -> Tensor:
@@ -205,64 +270,153 @@ def _centred_neighbourhoods(points: Tensor, indices: Tensor) -> Tensor:
     return neighbours - neighbours.mean(dim=1, keepdim=True)
 
 
-def _neighbourhood_spectra(points: Tensor, indices: Tensor, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    """Eigen-decompose each ``k x k`` Gram matrix ``M_i M_i^T``; return ``(n, k)`` values and ``(n, k, k)`` vectors.
-
-    Both are sorted by descending eigenvalue. The ``k x k`` Gram is much cheaper than a ``k x D`` SVD when
-    ``D >> k``, and its eigenvectors are the left singular vectors of ``M_i``.
-    """
-    n, dim = points.shape
-    k = indices.shape[1]
-    eigenvalues = torch.empty((n, k), dtype=torch.float64, device=points.device)
-    eigenvectors = torch.empty((n, k, k), dtype=torch.float64, device=points.device)
-    for start, stop in _chunks(n, k * dim, chunk_size):
-        centred = _centred_neighbourhoods(points, indices[start:stop])
-        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
-        eigenvalues[start:stop] = values.flip(-1)
-        eigenvectors[start:stop] = vectors.flip(-1)
-    return eigenvalues, eigenvectors
-
-
 def _tangent_bases(points: Tensor, indices: Tensor, left_vectors: Tensor, chunk_size: int | None) -> Tensor:
-    """Orthonormal tangent bases ``(n, t, D)``, one basis vector a row, from the top ``t`` left singular vectors.
+    """Orthonormal tangent bases ``(c, t, D)``, one basis vector a row, from the top ``t`` left singular vectors.
 
+    ``indices`` ``(c, k)`` and ``left_vectors`` ``(c, k, t)`` belong to the ``c`` points whose bases are needed.
     ``M_i^T u_l = s_l v_l``, so ``M_i^T U_t`` spans the top right singular vectors. A QR factorisation makes the
     basis orthonormal without dividing by ``s_l``, which may be zero when ``t`` exceeds the neighbourhood's rank.
     The extra directions are then arbitrary, and so are the angles they contribute.
     """
-    n, dim = points.shape
-    k, t = left_vectors.shape[1:]
-    bases = torch.empty((n, t, dim), dtype=torch.float64, device=points.device)
-    for start, stop in _chunks(n, k * dim, chunk_size):
+    dim = points.shape[1]
+    c, k, t = left_vectors.shape
+    bases = torch.empty((c, t, dim), dtype=torch.float64, device=points.device)
+    for start, stop in _chunks(c, k * dim, chunk_size):
         centred = _centred_neighbourhoods(points, indices[start:stop])
         spanning = centred.transpose(1, 2) @ left_vectors[start:stop]
         bases[start:stop] = torch.linalg.qr(spanning).Q.transpose(1, 2)
     return bases
 
 
-def _mean_principal_angles(bases: Tensor, indices: Tensor, chunk_size: int | None) -> Tensor:
-    """Mean over neighbours ``j`` of the mean principal angle between ``T_i`` and ``T_j``, ``(n,)``.
+def _gram_route_angles(
+    points: Tensor, indices: Tensor, pairs: Tensor, singular_values: Tensor, left_vectors: Tensor, tolerance: float
+) -> tuple[Tensor, Tensor]:
+    """Mean principal angle of each pair from the Gram matrix ``G = X_c X_c^T`` of the centred cloud, ``(p,)``.
 
-    The cosines of the principal angles, ``svdvals(T_i^T T_j)``, lose half their digits near 1, so a flat subspace
-    would come out near 1e-8 instead of 0. The angles are taken from the sines instead: the squared sines are the
-    eigenvalues of ``R^T R`` with ``R = T_j - T_i (T_i^T T_j)``, and forming the residual ``R`` before its Gram
-    matrix keeps small sines accurate to working precision. ``arcsin`` then loses digits only near pi/2, where
-    an absolute error near 1e-8 does not matter.
+    With ``W_i = C U_t S_t^-1`` (``C`` the ``k x k`` centring matrix), the tangent basis is ``T_i = X_{N_i}^T W_i``,
+    so ``T_a^T T_b = W_a^T G[N_a, N_b] W_b`` takes ``k x k`` entries of ``G`` instead of products of length ``D``.
+    The only work that grows with ``D`` is ``G`` itself, ``2 n^2 D`` in float64.
+
+    Returns:
+        ``(angles, unreliable)``, both ``(p,)``. A pair is unreliable when rounding may have moved its mean angle
+        by more than ``tolerance``; see :func:`_sines_from_cosines` for how an error in the squared sines moves an
+        angle.
+    """
+    k = indices.shape[1]
+    t = left_vectors.shape[2]
+    centred = points - points.mean(dim=0)
+    gram = centred @ centred.T
+    weights, rounding = _gram_route_weights(centred, gram, indices, singular_values, left_vectors)
+
+    angles = torch.empty(pairs.shape[0], dtype=torch.float64, device=points.device)
+    unreliable = torch.empty(pairs.shape[0], dtype=torch.bool, device=points.device)
+    for start, stop in _chunks(pairs.shape[0], k * k, None, PAIR_BLOCK_ENTRIES):
+        first, second = pairs[start:stop, 0], pairs[start:stop, 1]
+        blocks = _gram_blocks(gram, indices[first], indices[second])
+        cosines = weights[first].transpose(1, 2) @ blocks @ weights[second]
+        # Measured on clouds from a 4000-point line to 512-D embeddings, 8 t times the larger rounding estimate
+        # stayed above twice the actual error of the squared sines; the last term covers forming I - P^T P.
+        error = 8 * t * torch.maximum(rounding[first], rounding[second])[:, None] + 4 * t * _EPSILON
+        sines = _sines_from_cosines(cosines)
+        angles[start:stop] = torch.arcsin(sines).mean(dim=1)
+        error_bound = torch.minimum(error.sqrt(), error / (2 * sines)).mean(dim=1)
+        unreliable[start:stop] = error_bound > tolerance
+    return angles, unreliable
+
+
+def _gram_route_weights(
+    centred: Tensor, gram: Tensor, indices: Tensor, singular_values: Tensor, left_vectors: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Return the weights ``W_i`` ``(n, k, t)`` of the Gram route and an estimate of each one's rounding, ``(n,)``.
+
+    ``G`` is rounded relative to the squared norms of the centred rows, so ``W_a^T G[N_a, N_b] W_b`` is off by up
+    to about ``eps sqrt(D) (|x|_max / s_t)^2``, with ``|x|_max`` the largest norm in the neighbourhood and ``s_t``
+    its ``t``-th singular value. The departure of each basis from orthonormality, ``|W_i^T G[N_i, N_i] W_i - I|``,
+    is a second, measured estimate; the larger of the two is returned. A neighbourhood whose ``t``-th singular
+    value is below 1e-6 of its largest gets weights 0 and an infinite estimate, so its pairs are always
+    recomputed.
+    """
+    n, k = indices.shape
+    t = left_vectors.shape[2]
+    full_rank = singular_values[:, -1] > RANK_TOLERANCE[torch.float64] * singular_values[:, 0]
+    weights = torch.where(full_rank[:, None, None], left_vectors / singular_values[:, None, :], 0)
+    weights = weights - weights.mean(dim=1, keepdim=True)
+
+    largest_norms = torch.linalg.vector_norm(centred, dim=1)[indices].amax(dim=1)
+    rounding = _EPSILON * math.sqrt(centred.shape[1]) * (largest_norms / singular_values[:, -1]).square()
+    identity = torch.eye(t, dtype=torch.float64, device=centred.device)
+    for start, stop in _chunks(n, k * k, None, PAIR_BLOCK_ENTRIES):
+        own_blocks = _gram_blocks(gram, indices[start:stop], indices[start:stop])
+        overlap = weights[start:stop].transpose(1, 2) @ own_blocks @ weights[start:stop]
+        defect = (overlap - identity).abs().amax(dim=(1, 2))
+        rounding[start:stop] = torch.maximum(rounding[start:stop], defect)
+    return weights, torch.where(full_rank, rounding, math.inf)
+
+
+def _gram_blocks(gram: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    """``(c, k, k)`` blocks ``gram[rows[i]][:, columns[i]]``, gathered through one flat index.
+
+    One ``index_select`` on the flattened matrix took about half the time of indexing with two broadcast index
+    tensors.
+    """
+    n = gram.shape[0]
+    c, k = rows.shape
+    flat = (rows * n)[:, :, None] + columns[:, None, :]
+    return gram.view(-1).index_select(0, flat.view(-1)).view(c, k, k)
+
+
+def _basis_angles(bases: Tensor, pairs: Tensor, chunk_size: int | None) -> Tensor:
+    """Mean principal angle of each pair from the cosines ``T_a^T T_b`` of orthonormal bases ``(n, t, D)``, ``(p,)``.
+
+    Accurate to ``sqrt(e)`` near 0, with ``e`` from :func:`_basis_cosine_error`; :func:`_residual_angles` is
+    accurate to working precision at three times the cost.
     """
     n, t, dim = bases.shape
-    k = indices.shape[1]
-    local = torch.empty(n, dtype=torch.float64, device=bases.device)
-    for start, stop in _chunks(n, k * t * dim, chunk_size):
-        own = bases[start:stop]
-        # Rows of T_j^T for all neighbours j, stacked: (c, k * t, D).
-        neighbour_rows = bases[indices[start:stop]].flatten(1, 2)
-        # Row (j, b) contains the products of T_j's b-th basis vector with T_i's basis, that is (T_i^T T_j)^T.
-        cosine_matrices = neighbour_rows @ own.transpose(1, 2)
-        residual_rows = neighbour_rows.baddbmm_(cosine_matrices, own, alpha=-1).view(stop - start, k, t, dim)
-        residual_gram = residual_rows @ residual_rows.transpose(-1, -2)
-        squared_sines = torch.linalg.eigvalsh(residual_gram).clamp(0, 1)
-        local[start:stop] = torch.arcsin(squared_sines.sqrt()).mean(dim=(1, 2))
-    return local
+    angles = torch.empty(pairs.shape[0], dtype=torch.float64, device=bases.device)
+    for start, stop in _chunks(pairs.shape[0], 2 * t * dim, chunk_size, PAIR_BLOCK_ENTRIES):
+        cosines = bases[pairs[start:stop, 0]] @ bases[pairs[start:stop, 1]].transpose(1, 2)
+        angles[start:stop] = torch.arcsin(_sines_from_cosines(cosines)).mean(dim=1)
+    return angles
+
+
+def _basis_cosine_error(tangent_dim: int, dim: int) -> float:
+    """Bound on the absolute error of squared sines taken from the cosines of float64 QR bases in ``R^dim``.
+
+    QR leaves the bases orthonormal to a few units of rounding, and each cosine is a sum of ``dim`` products.
+    """
+    return 4 * tangent_dim * math.sqrt(dim) * _EPSILON
+
+
+def _sines_from_cosines(cosines: Tensor) -> Tensor:
+    """``(c, t)`` sines of the principal angles, ascending, from ``(c, t, t)`` cosine matrices ``P = T_a^T T_b``.
+
+    The squared sines are the eigenvalues of ``I - P^T P``. Near 0 they have cancelled: an absolute error ``e`` in
+    them moves an angle ``theta`` by about ``e / (2 sin theta)``, and by up to ``sqrt(e)`` when ``theta`` is 0.
+    """
+    identity = torch.eye(cosines.shape[-1], dtype=cosines.dtype, device=cosines.device)
+    squared_sines = torch.linalg.eigvalsh(identity - cosines.transpose(1, 2) @ cosines)
+    return squared_sines.clamp_(0, 1).sqrt_()
+
+
+def _residual_angles(bases: Tensor, pairs: Tensor, chunk_size: int | None) -> Tensor:
+    """Mean principal angle of each pair from the residual of one basis against the other, ``(p,)``.
+
+    The cosines of the principal angles lose half their digits near 1, so a flat subspace would come out near 1e-8
+    instead of 0. The squared sines are also the eigenvalues of ``R^T R`` with ``R = T_b - T_a (T_a^T T_b)``, and
+    forming ``R`` before its Gram matrix keeps small sines accurate to working precision. ``arcsin`` then loses
+    digits only near pi/2, where an absolute error near 1e-8 does not matter.
+    """
+    n, t, dim = bases.shape
+    angles = torch.empty(pairs.shape[0], dtype=torch.float64, device=bases.device)
+    for start, stop in _chunks(pairs.shape[0], 3 * t * dim, chunk_size, PAIR_BLOCK_ENTRIES):
+        first = bases[pairs[start:stop, 0]]
+        second = bases[pairs[start:stop, 1]]
+        # Row l of the cosine matrix holds the products of the second basis's l-th vector with the first basis.
+        cosines = second @ first.transpose(1, 2)
+        residual = second.baddbmm_(cosines, first, alpha=-1)
+        squared_sines = torch.linalg.eigvalsh(residual @ residual.transpose(1, 2)).clamp_(0, 1)
+        angles[start:stop] = torch.arcsin(squared_sines.sqrt_()).mean(dim=1)
+    return angles
 
 
 def _reference_local_curvature(points: Tensor, indices: Tensor, chunk_size: int | None) -> Tensor:
@@ -297,10 +451,12 @@ def _reference_local_curvature(points: Tensor, indices: Tensor, chunk_size: int 
     return local
 
 
-def _chunks(n: int, entries_per_point: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    """Split ``range(n)`` into blocks of ``chunk_size`` points, by default as many as keep 2**24 entries a block."""
+def _chunks(
+    n: int, entries_per_item: int, chunk_size: int | None, block_entries: int = MAX_BLOCK_ENTRIES
+) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into blocks of ``chunk_size`` items, by default as many as keep ``block_entries`` a block."""
     if chunk_size is None:
-        chunk_size = max(1, MAX_BLOCK_ENTRIES // max(entries_per_point, 1))
+        chunk_size = max(1, block_entries // max(entries_per_item, 1))
     return [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
