@@ -105,9 +105,10 @@ class Workload:
     datamodule: pl.LightningDataModule
     k: int
     max_per_class: int
+    with_expensive: bool
 
 
-def load_digits_workload() -> Workload:
+def load_digits_workload(with_expensive: bool) -> Workload:
     """Build the untrained model and the datamodule of ``examples/digits.py``, with its k = 10."""
     spec = importlib.util.spec_from_file_location("digits_example", REPOSITORY / "examples" / "digits.py")
     if spec is None or spec.loader is None:
@@ -115,7 +116,9 @@ def load_digits_workload() -> Workload:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
-    return Workload("digits (64-d, 540 val rows)", module.DigitsClassifier(), module.DigitsDataModule(), 10, 1000)
+    return Workload(
+        "digits (64-d, 540 val rows)", module.DigitsClassifier(), module.DigitsDataModule(), 10, 1000, with_expensive
+    )
 
 
 def synthetic_workload(n_rows: int, embedding_dim: int, max_per_class: int) -> Workload:
@@ -123,33 +126,52 @@ def synthetic_workload(n_rows: int, embedding_dim: int, max_per_class: int) -> W
     model = SyntheticClassifier(in_features=256, hidden=1024, embedding_dim=embedding_dim, n_classes=10)
     datamodule = SyntheticDataModule(n_rows, in_features=256, n_classes=10, batch_size=256)
     name = f"synthetic ({embedding_dim}-d, {n_rows:,} val rows)"
-    return Workload(name, model, datamodule, 20, max_per_class)
+    return Workload(name, model, datamodule, 20, max_per_class, with_expensive=False)
 
 
-def _variants(workload: Workload, with_expensive: bool) -> dict[str, Callable[[], list[pl.Callback]]]:
+@dataclass(frozen=True)
+class Variant:
+    """One way of running validation: the callbacks a fresh trainer gets, and how many timed runs it needs."""
+
+    make_callbacks: Callable[[], list[pl.Callback]]
+    repeats: int
+
+
+def _variants(workload: Workload, repeats: int, compute_repeats: int) -> dict[str, Variant]:
+    """Return the variants to time. Variants that run the metrics add far more time than the noise, so fewer runs
+    suffice for them."""
     settings: dict[str, Any] = {"k": workload.k, "max_per_class": workload.max_per_class}
-    variants: dict[str, Callable[[], list[pl.Callback]]] = {
-        "without": lambda: [],
-        "capture": lambda: [CaptureOnlyCallback(**settings)],
-        "capture + metrics": lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)],
+    variants = {
+        "without": Variant(lambda: [], repeats),
+        "capture": Variant(lambda: [CaptureOnlyCallback(**settings)], repeats),
+        "capture + metrics": Variant(
+            lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)], compute_repeats
+        ),
     }
-    if with_expensive:
-        variants["capture + metrics + holes, nonconvexity"] = lambda: [ManifoldGeometryCallback(**settings)]
+    if workload.with_expensive:
+        variants["capture + metrics + holes, nonconvexity"] = Variant(
+            lambda: [ManifoldGeometryCallback(**settings)], compute_repeats
+        )
     return variants
 
 
 def time_validation(
-    workload: Workload, device: torch.device, repeats: int, with_expensive: bool, log_dir: str
-) -> dict[str, float]:
-    """Return the median ``trainer.validate`` time of each variant, after one untimed warm-up run of each."""
-    variants = _variants(workload, with_expensive)
+    workload: Workload, device: torch.device, repeats: int, compute_repeats: int, log_dir: str
+) -> dict[str, tuple[float, int]]:
+    """Return the median ``trainer.validate`` time of each variant and its number of timed runs.
+
+    Every variant first runs once untimed, as a warm-up.
+    """
+    variants = _variants(workload, repeats, compute_repeats)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(repeats + 1):
-        for name, make_callbacks in variants.items():
+    for repeat in range(max(repeats, compute_repeats) + 1):
+        for name, variant in variants.items():
+            if repeat > variant.repeats:
+                continue
             trainer = pl.Trainer(
                 accelerator="gpu" if device.type == "cuda" else "cpu",
                 devices=1,
-                callbacks=make_callbacks(),
+                callbacks=variant.make_callbacks(),
                 logger=TensorBoardLogger(log_dir, name="callback_cost"),
                 enable_progress_bar=False,
                 enable_model_summary=False,
@@ -163,29 +185,26 @@ def time_validation(
                 torch.cuda.synchronize(device)
             if repeat > 0:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: (statistics.median(values), len(values)) for name, values in times.items()}
 
 
 def callback_rows(
-    workloads: Sequence[Workload], device: torch.device, repeats: int, with_expensive: bool
+    workloads: Sequence[Workload], device: torch.device, repeats: int, compute_repeats: int
 ) -> tuple[list[Row], list[Target]]:
     """Time each workload's validation with and without the callback; rows compare each variant to no callback."""
     rows: list[Row] = []
     targets: list[Target] = []
     with tempfile.TemporaryDirectory() as log_dir, _quiet_lightning():
         for workload in workloads:
-            medians = time_validation(workload, device, repeats, with_expensive, log_dir)
-            baseline = medians.pop("without")
-            for variant, seconds in medians.items():
+            medians = time_validation(workload, device, repeats, compute_repeats, log_dir)
+            baseline, baseline_runs = medians.pop("without")
+            for variant, (seconds, runs) in medians.items():
                 overhead = seconds / baseline - 1.0
-                rows.append(
-                    Row(
-                        name=f"callback: {variant}, {workload.name}",
-                        reference_s=baseline,
-                        ours_s=seconds,
-                        note=f"validate without / with; overhead {overhead:+.1%}",
-                    )
+                note = (
+                    f"trainer.validate without / with, medians of {baseline_runs} / {runs} runs; "
+                    f"overhead {overhead:+.1%}"
                 )
+                rows.append(Row(f"callback: {variant}, {workload.name}", baseline, seconds, note=note))
                 if variant == "capture":
                     targets.append(
                         Target(

@@ -43,6 +43,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats, for a smoke test")
     parser.add_argument("--save", type=Path, default=None, help="also write the output, with the machine, to this file")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and for the BLAS and OpenMP pools of numpy, scikit-learn and scikit-dimension "
+        "(default: each library's own default)",
+    )
+    parser.add_argument(
         "--skip-callback", action="store_true", help="leave out the Lightning callback timings and the memory probes"
     )
     return parser.parse_args(argv)
@@ -60,6 +67,18 @@ def describe_machine(device: torch.device) -> list[str]:
     if device.type == "cuda":
         lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
     return lines
+
+
+def _options(args: argparse.Namespace) -> str:
+    """Return the command-line options that change what is measured, as typed."""
+    options = " --quick" if args.quick else ""
+    if args.device != "cpu":
+        options += f" --device {args.device}"
+    if args.threads is not None:
+        options += f" --threads {args.threads}"
+    if args.skip_callback:
+        options += " --skip-callback"
+    return options
 
 
 def _load_average() -> str:
@@ -119,6 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks import metric_rows
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"--threads must be at least 1, got {args.threads}.", file=sys.stderr)
+            return 2
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        # The limits stay in force for the rest of the process; the memory probes' subprocesses copy torch's count.
+        threadpool_limits(limits=args.threads)
+
     sizes = metric_rows.QUICK if args.quick else metric_rows.FULL
     rows: list[Row] = []
     targets: list[Target] = []
@@ -139,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         f"# pmg-torch benchmarks{' (--quick)' if args.quick else ''}",
         "",
-        f"Run on {datetime.date.today().isoformat()} with `python benchmarks/run.py"
-        f"{' --quick' if args.quick else ''}{'' if device.type == 'cpu' else f' --device {device}'}`.",
+        f"Run on {datetime.date.today().isoformat()} with `python benchmarks/run.py{_options(args)}`.",
         "",
         *(f"- {line}" for line in describe_machine(device)),
         f"- 1-minute load average {load_before} before the run and {_load_average()} after it; a value above the "
@@ -166,13 +194,15 @@ def _callback_section(quick: bool, device: torch.device, memory: list[MemoryRow]
     """Time the callback on the digits example and, in a full run, on a 512-d synthetic model; probe memory."""
     from benchmarks import callback_cost
 
-    workloads = [callback_cost.load_digits_workload()]
+    workloads = [callback_cost.load_digits_workload(with_expensive=not quick)]
     if quick:
         max_per_class, embedding_dim, val_rows, knn_rows = 50, 64, 2_000, 1_000
     else:
         max_per_class, embedding_dim, val_rows, knn_rows = 1000, 512, 30_000, 10_000
         workloads.append(callback_cost.synthetic_workload(val_rows, embedding_dim, max_per_class))
-    rows, targets = callback_cost.callback_rows(workloads, device, repeats=1 if quick else 5, with_expensive=not quick)
+    rows, targets = callback_cost.callback_rows(
+        workloads, device, repeats=1 if quick else 7, compute_repeats=1 if quick else 2
+    )
     memory_rows, memory_targets = callback_cost.memory_rows(
         capture_rows=val_rows,
         knn_rows=knn_rows,

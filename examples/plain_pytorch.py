@@ -11,7 +11,8 @@ After every epoch the script runs the validation scans through the model once. D
 embeddings) per digit, and :class:`pmg_torch.ClassAccuracy` counts the correct predictions per digit from the
 logits. :func:`pmg_torch.analyze` then measures each digit's cloud, and :meth:`ManifoldReport.to_tensorboard`
 writes the scalars ``pmg/<metric>/<digit>``, per-class accuracy and its Spearman correlation with each metric,
-the figures and the custom-scalars layout. The last epoch adds the expensive metrics (holes, nonconvexity).
+the figures and the custom-scalars layout. The last epoch adds the expensive metrics (holes, nonconvexity) unless
+``--no-expensive`` is given.
 
 The split and ``k = 10`` follow ``train_digits.py``: a 30% stratified validation split leaves 52 to 55 scans per
 digit, and a neighbourhood of 10 is a local patch of under a fifth of a class.
@@ -109,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--logdir", default="runs/plain_pytorch", help="TensorBoard log folder (default: runs/plain_pytorch)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the shuffle")
+    parser.add_argument(
+        "--expensive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add holes and nonconvexity, with their persistence diagrams, on the last epoch (default: on)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
@@ -126,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     with SummaryWriter(args.logdir) as writer:
         for epoch in range(args.epochs):
             step += train_one_epoch(model, train, optimizer)
-            last = epoch == args.epochs - 1
-            report, accuracy = measure(model, val, METRICS + EXPENSIVE_METRICS if last else METRICS)
+            expensive = args.expensive and epoch == args.epochs - 1
+            report, accuracy = measure(model, val, METRICS + EXPENSIVE_METRICS if expensive else METRICS)
             report.to_tensorboard(writer, step=step, accuracy=accuracy)
             balanced = sum(accuracy.values()) / len(accuracy)
             print(f"epoch {epoch}: balanced validation accuracy {balanced:.3f}")

@@ -7,8 +7,8 @@ Run from the repository root::
 
 Every validation epoch, :class:`callbacks.ManifoldGeometryCallback` records the 64-dimensional penultimate
 embeddings of the validation scans and logs each class's curvature, volume, intrinsic dimension and shape
-similarity under ``pmg/<metric>/<class>``, with each digit's validation accuracy from the same forward passes and
-the Spearman correlation of each metric with it. Every fifth epoch it adds the expensive metrics (holes from
+similarity under ``pmg/<metric>/<class>``. It also logs each digit's validation accuracy, from the same forward
+passes, and the Spearman correlation of each metric with it. Every fifth epoch it adds the expensive metrics (holes from
 persistent homology, nonconvexity). At the end the script prints one row per digit: the callback's validation
 accuracy next to the geometry.
 

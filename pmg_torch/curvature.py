@@ -13,7 +13,9 @@ Two methods share one neighbour search (:func:`pmg_torch.neighbourhoods`):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -31,6 +33,7 @@ from ._validation import (
 from .dimension import tle_pointwise
 from .neighbours import (
     MAX_BLOCK_ENTRIES,
+    OFFSET_BLOCK_ENTRIES,
     Neighbourhoods,
     neighbour_offset_grams,
     neighbour_pairs,
@@ -52,9 +55,9 @@ GRAM_ROUTE_MAX_POINTS = 4096
 
 #: Largest error, in radians, that rounding may leave in the mean principal angle of a pair of neighbours. Pairs
 #: whose angles come from cosines and may exceed it are measured again from residuals. float64 input gets 0, so all
-#: of its angles come from residuals and match per-point references to about 1e-12. For float32 input, 1e-6 is
-#: about what the input's own rounding moves a tangent direction by when the cloud's extent is ten times a
-#: neighbourhood's.
+#: of its angles come from residuals and match per-point references to about 1e-12. float32 rounding moves each row
+#: by up to 6e-8 of its norm. When rows lie ten times as far from the origin as a neighbourhood is wide, that turns
+#: a tangent direction by about 6e-7 radians, so 1e-6 is at the scale of the input's own precision.
 ANGLE_TOLERANCE = {torch.float64: 0.0, torch.float32: 1e-6}
 
 #: Entries of one block of the pair computations (gathered Gram blocks or bases), 2**20 (8 MiB in float64). Larger
@@ -62,6 +65,12 @@ ANGLE_TOLERANCE = {torch.float64: 0.0, torch.float32: 1e-6}
 PAIR_BLOCK_ENTRIES = 2**20
 
 _EPSILON = torch.finfo(torch.float64).eps
+
+#: Minimum number of matrices per thread for which :func:`_split_over_threads` starts threads. 256 small
+#: eigenproblems take about a millisecond, far longer than starting a thread.
+_MATRICES_PER_THREAD = 256
+
+_Solution = TypeVar("_Solution")
 
 
 class CurvatureResult(NamedTuple):
@@ -104,6 +113,12 @@ def curvature(
     Rows with NaN or infinity and exact duplicate rows are left out first (one :class:`DegenerateInputWarning`
     reports how many); ``local`` has one entry per remaining row.
 
+    The linear algebra runs in float64. For float64 input every principal angle comes from the residual between
+    two orthonormal bases in ``R^D``, so flat subspaces give 0 to about 1e-15. float32 and half input with at most
+    4096 distinct rows goes through the float64 Gram matrix of the whole cloud instead, whose cost does not grow
+    with ``D`` past that one product. Each pair's mean angle is then accurate to 1e-6 radians: pairs that rounding
+    could move further are measured again from residuals. Measured errors on curved clouds are near 1e-8.
+
     Args:
         x: ``(m, D)`` points, floating point.
         k: neighbours per point, at least 2.
@@ -116,8 +131,9 @@ def curvature(
             dimensions when points are few (8 dimensions from 200 points read as 6.7), and overestimates curved
             surfaces when ``k`` is small (a sphere with ``k = 5`` reads as 2.9). Pass ``tangent_dim`` when the
             dimension is known.
-        chunk_size: points per block, both in the neighbour search and in the per-point linear algebra. By default
-            a block holds at most 2**24 entries.
+        chunk_size: points per block in the neighbour search and the per-point linear algebra, and pairs of
+            neighbours per block among tangent bases in ``R^D``. By default blocks are sized to stay in cache or
+            under 2**24 entries; the Gram route sizes its own blocks.
 
     Returns:
         :class:`CurvatureResult` in the working dtype (float64 for float64 input, float32 otherwise) on ``x``'s
@@ -260,7 +276,7 @@ def _neighbourhood_spectra(offset_grams: Tensor) -> tuple[Tensor, Tensor]:
     """
     centred = offset_grams - offset_grams.mean(dim=1, keepdim=True)
     centred = centred - centred.mean(dim=2, keepdim=True)
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred)
+    eigenvalues, eigenvectors = _split_over_threads(torch.linalg.eigh, centred)
     return eigenvalues.flip(-1), eigenvectors.flip(-1)
 
 
@@ -281,7 +297,7 @@ def _tangent_bases(points: Tensor, indices: Tensor, left_vectors: Tensor, chunk_
     dim = points.shape[1]
     c, k, t = left_vectors.shape
     bases = torch.empty((c, t, dim), dtype=torch.float64, device=points.device)
-    for start, stop in _chunks(c, k * dim, chunk_size):
+    for start, stop in _chunks(c, k * dim, chunk_size, OFFSET_BLOCK_ENTRIES):
         centred = _centred_neighbourhoods(points, indices[start:stop])
         spanning = centred.transpose(1, 2) @ left_vectors[start:stop]
         bases[start:stop] = torch.linalg.qr(spanning).Q.transpose(1, 2)
@@ -299,7 +315,7 @@ def _gram_route_angles(
 
     Returns:
         ``(angles, unreliable)``, both ``(p,)``. A pair is unreliable when rounding may have moved its mean angle
-        by more than ``tolerance``; see :func:`_sines_from_cosines` for how an error in the squared sines moves an
+        by more than ``tolerance``. :func:`_sines_from_cosines` states how an error in the squared sines moves an
         angle.
     """
     k = indices.shape[1]
@@ -314,8 +330,8 @@ def _gram_route_angles(
         first, second = pairs[start:stop, 0], pairs[start:stop, 1]
         blocks = _gram_blocks(gram, indices[first], indices[second])
         cosines = weights[first].transpose(1, 2) @ blocks @ weights[second]
-        # Measured on clouds from a 4000-point line to 512-D embeddings, 8 t times the larger rounding estimate
-        # stayed above twice the actual error of the squared sines; the last term covers forming I - P^T P.
+        # On float32 clouds from a 4000-point line to 512-D embeddings, 8 t times the larger rounding estimate was
+        # at least twice the measured error of the squared sines. The last term covers forming I - P^T P.
         error = 8 * t * torch.maximum(rounding[first], rounding[second])[:, None] + 4 * t * _EPSILON
         sines = _sines_from_cosines(cosines)
         angles[start:stop] = torch.arcsin(sines).mean(dim=1)
@@ -356,12 +372,12 @@ def _gram_route_weights(
 def _gram_blocks(gram: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
     """``(c, k, k)`` blocks ``gram[rows[i]][:, columns[i]]``, gathered through one flat index.
 
-    One ``index_select`` on the flattened matrix took about half the time of indexing with two broadcast index
-    tensors.
+    One ``index_select`` on the flattened matrix, with an int32 index, took about a third of the time of indexing
+    with two broadcast int64 index tensors. ``gram`` has at most 2**24 entries on this route, so int32 suffices.
     """
     n = gram.shape[0]
     c, k = rows.shape
-    flat = (rows * n)[:, :, None] + columns[:, None, :]
+    flat = (rows.to(torch.int32) * n)[:, :, None] + columns.to(torch.int32)[:, None, :]
     return gram.view(-1).index_select(0, flat.view(-1)).view(c, k, k)
 
 
@@ -394,7 +410,7 @@ def _sines_from_cosines(cosines: Tensor) -> Tensor:
     them moves an angle ``theta`` by about ``e / (2 sin theta)``, and by up to ``sqrt(e)`` when ``theta`` is 0.
     """
     identity = torch.eye(cosines.shape[-1], dtype=cosines.dtype, device=cosines.device)
-    squared_sines = torch.linalg.eigvalsh(identity - cosines.transpose(1, 2) @ cosines)
+    squared_sines = _split_over_threads(torch.linalg.eigvalsh, identity - cosines.transpose(1, 2) @ cosines)
     return squared_sines.clamp_(0, 1).sqrt_()
 
 
@@ -411,10 +427,10 @@ def _residual_angles(bases: Tensor, pairs: Tensor, chunk_size: int | None) -> Te
     for start, stop in _chunks(pairs.shape[0], 3 * t * dim, chunk_size, PAIR_BLOCK_ENTRIES):
         first = bases[pairs[start:stop, 0]]
         second = bases[pairs[start:stop, 1]]
-        # Row l of the cosine matrix holds the products of the second basis's l-th vector with the first basis.
+        # Row l of the cosine matrix contains the products of the second basis's l-th vector with the first basis.
         cosines = second @ first.transpose(1, 2)
         residual = second.baddbmm_(cosines, first, alpha=-1)
-        squared_sines = torch.linalg.eigvalsh(residual @ residual.transpose(1, 2)).clamp_(0, 1)
+        squared_sines = _split_over_threads(torch.linalg.eigvalsh, residual @ residual.transpose(1, 2)).clamp_(0, 1)
         angles[start:stop] = torch.arcsin(squared_sines.sqrt_()).mean(dim=1)
     return angles
 
@@ -449,6 +465,29 @@ def _reference_local_curvature(points: Tensor, indices: Tensor, chunk_size: int 
         ratio = overlap / (norms[start:stop, None] * norms[neighbour_indices])
         local[start:stop] = torch.arccos(ratio.clamp(-1, 1)).mean(dim=1)
     return local
+
+
+def _split_over_threads(solve: Callable[[Tensor], _Solution], matrices: Tensor) -> _Solution:
+    """Apply a batched ``torch.linalg`` decomposition to ``matrices`` ``(b, q, q)``, split over torch's CPU threads.
+
+    For a batch of small matrices on the CPU, torch 2.13 calls LAPACK for one matrix after another on one thread:
+    with two torch threads and torch's MKL LAPACK, a batched ``eigvalsh`` used as much CPU time as wall time. The
+    solver releases the GIL, so parts of the batch given to ``torch.get_num_threads()`` Python threads run at once,
+    and each matrix's result does not depend on the split. Other devices, and batches too small to pay for the
+    threads, are passed through.
+    """
+    n_threads = min(torch.get_num_threads(), matrices.shape[0] // _MATRICES_PER_THREAD)
+    if matrices.device.type != "cpu" or n_threads < 2:
+        return solve(matrices)
+    parts = matrices.tensor_split(n_threads)
+    with ThreadPoolExecutor(max_workers=n_threads - 1) as pool:
+        others = [pool.submit(solve, part) for part in parts[1:]]
+        solutions: list[Any] = [solve(parts[0])] + [other.result() for other in others]
+    if isinstance(solutions[0], Tensor):
+        return cast(_Solution, torch.cat(solutions))
+    # torch.linalg returns several results as a named tuple type, built from one sequence.
+    joined = tuple(torch.cat(pieces) for pieces in zip(*solutions, strict=True))
+    return cast(_Solution, type(solutions[0])(joined))
 
 
 def _chunks(

@@ -32,6 +32,11 @@ KNN_METHODS = ("tle", "mle", "twonn")
 #: radius, and it is also the threshold below which a point's sum of log measurements counts as zero.
 TLE_EPSILON = 1e-4
 
+#: Pairs of neighbours closer than ``sqrt(CLOSE_PAIR_FRACTION)`` times the neighbourhood radius have their distance
+#: recomputed from the rows in :func:`tle_pointwise`. From the offset Gram matrix, a squared distance this small
+#: carries a relative error of about 1e-12; below it, the error grows as the pair gets closer.
+CLOSE_PAIR_FRACTION = 1e-4
+
 #: Pairs of neighbours per block of :func:`tle_pointwise`. It bounds the memory of the dozen float64 temporaries
 #: (about 6 MiB a block), and blocks this small also ran about 10% faster than one block of 1000 points.
 TLE_BLOCK_PAIRS = 2**16
@@ -199,11 +204,12 @@ def tle_pointwise(nb: Neighbourhoods, epsilon: float = TLE_EPSILON, *, offset_gr
     ``n_terms``. A point whose pair logarithms sum to more than ``-epsilon`` (all neighbours at one distance) gets
     0, as in scikit-dimension.
 
-    Every length comes from the Gram matrix ``O`` of the offsets (:func:`pmg_torch.neighbours.neighbour_offset_grams`):
-    ``v_ij^2 = O_ii + O_jj - 2 O_ij`` and ``z_ij^2 = O_ii + O_jj + 2 O_ij``. In float64 their rounding is about 1e-16
-    of ``r^2``, so a pair of neighbours closer than about 1e-6 ``r`` loses digits of ``v``; its measurement
-    ``s_ij`` then lies near ``v_ij`` or below, under the ``epsilon * r`` at which it is dropped anyway, unless
-    ``r_i`` is within about 1e-8 of ``r``.
+    Lengths come from the Gram matrix ``O`` of the offsets (:func:`pmg_torch.neighbours.neighbour_offset_grams`):
+    ``v_ij^2 = O_ii + O_jj - 2 O_ij``, ``z_ij^2 = O_ii + O_jj + 2 O_ij`` and ``a = 2 (O_ii - O_ij)``. Their float64
+    rounding is about 1e-16 of ``r^2``, so for the few pairs with ``v_ij^2`` below :data:`CLOSE_PAIR_FRACTION` of
+    ``r^2`` both ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` are recomputed from the difference of the two rows. A
+    near-duplicate pair at the edge of the neighbourhood, where ``r_i`` is close to ``r``, can give a measurement
+    near ``epsilon * r`` that depends on every digit of ``v_ij``.
 
     Args:
         nb: the output of :func:`pmg_torch.neighbourhoods`.
@@ -213,18 +219,25 @@ def tle_pointwise(nb: Neighbourhoods, epsilon: float = TLE_EPSILON, *, offset_gr
     Returns:
         ``(n,)`` float64 tensor on the device of ``nb.points``.
     """
-    grams = neighbour_offset_grams(nb) if offset_grams is None else offset_grams
-    n, k, _ = grams.shape
+    n, k = nb.indices.shape
     chunk = max(1, TLE_BLOCK_PAIRS // (k * k))
-    estimates = torch.empty(n, dtype=torch.float64, device=grams.device)
+    estimates = torch.empty(n, dtype=torch.float64, device=nb.points.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        estimates[start:stop] = _tle_block(grams[start:stop], epsilon)
+        if offset_grams is None:
+            grams = neighbour_offset_grams(nb, rows=(start, stop))
+        else:
+            grams = offset_grams[start:stop]
+        estimates[start:stop] = _tle_block(grams, epsilon, nb.points, nb.indices, start)
     return estimates
 
 
-def _tle_block(grams: Tensor, epsilon: float) -> Tensor:
-    """TLE for a block of points, from the ``(c, k, k)`` Gram matrices of each point's neighbour offsets."""
+def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, start: int) -> Tensor:
+    """TLE for a block of points, from the ``(c, k, k)`` Gram matrices of each point's neighbour offsets.
+
+    ``points`` and ``indices`` are the whole cloud's, and the block starts at point ``start``; close pairs are
+    recomputed from them.
+    """
     k = grams.shape[1]
     squared_distances = torch.diagonal(grams, dim1=1, dim2=2)
     squared_radius = squared_distances.amax(dim=1)
@@ -232,13 +245,17 @@ def _tle_block(grams: Tensor, epsilon: float) -> Tensor:
 
     r_i_squared = squared_distances[:, :, None]
     r_j_squared = squared_distances[:, None, :]
-    # a = r_i^2 + w - r_j^2 with w = v^2 or z^2 reduces to 2 (O_ii -+ O_ij), which has no cancellation.
+    # a = r_i^2 + w - r_j^2 with w = v^2 or z^2 is 2 (O_ii -+ O_ij).
     own = r_i_squared.expand_as(grams)
     a_direct = 2 * (own - grams)
     a_reflected = 2 * (own + grams)
     sums = r_i_squared + r_j_squared
     v_squared = (sums - 2 * grams).clamp_min_(0)
     z_squared = sums.add_(grams, alpha=2).clamp_min_(0)
+    close = v_squared < CLOSE_PAIR_FRACTION * squared_radius[:, None, None]
+    close.diagonal(dim1=1, dim2=2).fill_(False)
+    if bool(close.any()):
+        _recompute_close_pairs(close, points, indices, start, v_squared, a_direct)
     room = (squared_radius[:, None, None] - r_i_squared).clamp_min(0)
     s = _tle_measurement(v_squared, a_direct, radius, room)
     t = _tle_measurement(z_squared, a_reflected, radius, room)
@@ -259,6 +276,19 @@ def _tle_block(grams: Tensor, epsilon: float) -> Tensor:
     n_terms = 2 * (k * k - n_dropped_pairs - n_dropped_distances)
     estimate = -n_terms / (measurement_sum + 2 * distance_sum)
     return torch.where(measurement_sum > -epsilon, 0, estimate)
+
+
+def _recompute_close_pairs(
+    close: Tensor, points: Tensor, indices: Tensor, start: int, v_squared: Tensor, a_direct: Tensor
+) -> None:
+    """Overwrite ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` of the ``close`` pairs with values from row differences."""
+    point, i, j = close.nonzero(as_tuple=True)
+    centre = points[start + point].to(torch.float64)
+    first = points[indices[start + point, i]].to(torch.float64)
+    second = points[indices[start + point, j]].to(torch.float64)
+    difference = first - second
+    v_squared[point, i, j] = difference.square().sum(dim=1)
+    a_direct[point, i, j] = 2 * ((first - centre) * difference).sum(dim=1)
 
 
 def _tle_measurement(spread_squared: Tensor, a: Tensor, r: Tensor, room: Tensor) -> Tensor:

@@ -602,6 +602,7 @@ def test_load_state_dict_restores_settings_with_warning() -> None:
     ("arguments", "error", "match"),
     [
         ({"k": 0}, ValueError, "k"),
+        ({"k": 1}, ValueError, "at least 2"),
         ({"every_n_epochs": 0}, ValueError, "every_n_epochs"),
         ({"max_per_class": 2.5}, TypeError, "max_per_class"),
         ({"metrics": ["curvature", "bendiness"]}, ValueError, "bendiness"),

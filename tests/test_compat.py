@@ -2,7 +2,7 @@
 
 Each ``original_*`` function below restates, in plain numpy, what the numpy package ``perceptual_manifold_geometry``
 computes, slips included (without its prints and plots). The tests show where the two agree and where, and why,
-they differ; docs/migration.md lists the differences with the test behind each.
+they differ. The README section "Coming from perceptual_manifold_geometry" lists each difference with its test.
 """
 
 from __future__ import annotations

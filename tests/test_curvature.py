@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -12,6 +13,9 @@ import torch
 
 from pmg_torch import DegenerateInputWarning, curvature, curvature_from_neighbourhoods, neighbourhoods
 from pmg_torch.dimension import intrinsic_dimension
+
+# The package exports the function `curvature` under the module's name.
+curvature_module = importlib.import_module("pmg_torch.curvature")
 
 
 def flat_subspace(n: int, ambient: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -106,6 +110,21 @@ def test_float32_flat_plane_is_zero_to_input_precision():
     assert float(result.overall) < 1e-5
 
 
+def test_dense_float32_line_is_flat_where_cosines_cancel():
+    # Every coordinate is exact in float32, so the rows lie exactly on a line. With 4000 rows and k = 4 the cloud is
+    # about 1000 neighbourhoods long, and cosines from the cloud's Gram matrix alone leave angles near 7e-6; the
+    # pairs whose error may exceed the tolerance must be measured again from residuals.
+    generator = torch.Generator().manual_seed(9)
+    steps = torch.randperm(4000, generator=generator).double() / 1024
+    direction = torch.tensor([1.0, 2.0, 0.0, -1.0, 3.0], dtype=torch.float64) / 4
+    line = steps[:, None] * direction + torch.tensor([3.0, -1.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    assert torch.equal(line.float().double(), line)
+
+    result = curvature(line.float(), k=4)
+
+    assert float(result.local.max()) < 1e-6
+
+
 def test_sphere_matches_half_the_angle_between_neighbours():
     # Tangent planes of the unit sphere at p and q meet at the angle between p and q along one direction and
     # coincide along the other, so the exact mean principal angle is half the angle between the points.
@@ -173,6 +192,48 @@ def test_tangent_matches_per_point_numpy_loop():
 
     np.testing.assert_allclose(result.local.numpy(), expected, rtol=1e-8, atol=1e-10)
     assert float(result.overall) == pytest.approx(expected.mean(), rel=1e-8)
+
+
+def test_float32_input_matches_per_point_numpy_loop():
+    # float32 input of this size takes the Gram route; the loop runs in float64 on the same rounded rows.
+    generator = torch.Generator().manual_seed(10)
+    surface = unit_sphere(150) * torch.tensor([1.0, 1.5, 0.7], dtype=torch.float64)
+    points = torch.cat([surface, 0.1 * torch.randn(150, 2, generator=generator, dtype=torch.float64)], dim=1).float()
+    expected = tangent_loop(points.double().numpy(), k=10, tangent_dim=2)
+
+    result = curvature(points, k=10, tangent_dim=2)
+
+    assert result.local.dtype == torch.float32
+    np.testing.assert_allclose(result.local.double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tangent_dim", [None, 3])
+def test_gram_route_equals_direct_route_on_float32_rows(monkeypatch, tangent_dim):
+    # A curved 4-dimensional manifold in 64 dimensions with noise, like embeddings; None lets TLE choose 4.
+    generator = torch.Generator().manual_seed(11)
+    latent = torch.randn(300, 4, generator=generator)
+    noise = 0.01 * torch.randn(300, 64, generator=generator)
+    points = torch.tanh(latent @ torch.randn(4, 64, generator=generator)) + noise
+    gram_route = curvature(points, tangent_dim=tangent_dim)
+
+    monkeypatch.setattr(curvature_module, "GRAM_ROUTE_MAX_POINTS", 0)
+    direct_route = curvature(points, tangent_dim=tangent_dim)
+
+    assert float(direct_route.overall) > 0.1
+    torch.testing.assert_close(gram_route.local, direct_route.local, rtol=0, atol=1e-6)
+
+
+def test_gram_route_recomputes_rank_deficient_neighbourhoods(monkeypatch):
+    # A plane has rank 2, so a third tangent direction is an arbitrary completion: the Gram route cannot form it
+    # and must hand every pair to the bases in R^D, which give the same arbitrary angles as the direct route.
+    plane = flat_subspace(200, ambient=4, dim=2).float()
+    gram_route = curvature(plane, k=10, tangent_dim=3)
+
+    monkeypatch.setattr(curvature_module, "GRAM_ROUTE_MAX_POINTS", 0)
+    direct_route = curvature(plane, k=10, tangent_dim=3)
+
+    assert torch.isfinite(gram_route.local).all()
+    torch.testing.assert_close(gram_route.local, direct_route.local, rtol=0, atol=1e-6)
 
 
 # -- reference method -------------------------------------------------------------------------------------------------
@@ -319,6 +380,26 @@ def test_from_neighbourhoods_equals_direct_call(method):
 
     torch.testing.assert_close(shared.local, direct.local, rtol=0, atol=0)
     torch.testing.assert_close(shared.overall, direct.overall, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solve", [torch.linalg.eigh, torch.linalg.eigvalsh], ids=["eigh", "eigvalsh"])
+def test_thread_split_equals_one_batched_call(solve):
+    generator = torch.Generator().manual_seed(12)
+    factors = torch.randn(1500, 9, 9, generator=generator, dtype=torch.float64)
+    matrices = factors @ factors.transpose(1, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = curvature_module._split_over_threads(solve, matrices)
+    finally:
+        torch.set_num_threads(threads)
+
+    expected = solve(matrices)
+    if solve is torch.linalg.eigh:
+        torch.testing.assert_close(split.eigenvalues, expected.eigenvalues, rtol=0, atol=0)
+        torch.testing.assert_close(split.eigenvectors, expected.eigenvectors, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(split, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -17,6 +17,7 @@ from pmg_torch import (
     participation_ratio,
 )
 from pmg_torch.dimension import tle_pointwise
+from pmg_torch.neighbours import neighbour_offset_grams
 
 BENCHMARK_SIZE = 400
 
@@ -80,6 +81,34 @@ def test_tle_pointwise_equals_skdim_on_grid_ties():
         expected = [skdim.id.TLE()._idtle(points[indices[i]], distances[[i]]) for i in range(len(points))]
 
     np.testing.assert_allclose(tle_pointwise(nb).numpy(), expected, rtol=1e-10)
+
+
+def test_tle_pointwise_equals_skdim_with_near_duplicate_neighbours():
+    # From the offset Gram matrix alone, a distance of 1e-7 times the radius keeps about 8 digits, which moves
+    # measurements near the drop threshold, so such pairs must be recomputed from the rows. Each neighbourhood is
+    # scaled to radius 1 for scikit-dimension, whose threshold is absolute, so that both drop the same terms.
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(150, 5))
+    points = np.concatenate([base, base[:40] + 1e-7 * rng.normal(size=(40, 5))])
+    nb = neighbourhoods(torch.from_numpy(points), 20)
+    rows, distances, indices = nb.points.numpy(), nb.distances.numpy(), nb.indices.numpy()
+    assert (distances[:, 0] < 1e-6).sum() >= 80
+
+    radii = distances[:, -1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = [
+            skdim.id.TLE()._idtle(rows[indices[i]] / radii[i], distances[[i]] / radii[i]) for i in range(len(rows))
+        ]
+
+    np.testing.assert_allclose(tle_pointwise(nb).numpy(), expected, rtol=1e-9)
+
+
+def test_tle_pointwise_accepts_precomputed_offset_grams():
+    nb = neighbourhoods(torch.from_numpy(benchmark_manifold("M7_Roll")), 12)
+
+    shared = tle_pointwise(nb, offset_grams=neighbour_offset_grams(nb))
+
+    torch.testing.assert_close(shared, tle_pointwise(nb), rtol=0, atol=0)
 
 
 def test_tle_is_invariant_to_scale():

@@ -9,6 +9,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from pmg_torch import Neighbourhoods, knn, neighbourhoods, remove_duplicate_rows
 from pmg_torch._validation import DegenerateInputError
+from pmg_torch.neighbours import neighbour_offset_grams, neighbour_pairs
 
 
 def sklearn_neighbours(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +68,16 @@ def test_distances_are_exact_far_from_the_origin():
     torch.testing.assert_close(distances, direct, rtol=1e-14, atol=0)
     expected_distances, _ = sklearn_neighbours(points.numpy(), 3)
     np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-9)
+
+
+def test_float32_distances_are_the_bits_of_direct_differences():
+    # 400 rows of 300 columns span several of the cache-sized blocks in which the distances are recomputed.
+    points = 3.0 + torch.randn(400, 300, generator=torch.Generator().manual_seed(8))
+
+    distances, indices = knn(points, 12)
+
+    direct = torch.linalg.vector_norm(points[:, None, :] - points[indices], dim=2)
+    torch.testing.assert_close(distances, direct, rtol=0, atol=0)
 
 
 def test_distances_are_sorted_ascending():
@@ -151,3 +162,47 @@ def test_neighbourhoods_points_are_in_working_dtype():
 
     assert nb.points.dtype == torch.float32
     assert nb.distances.dtype == torch.float32
+
+
+# -- offset Gram matrices and neighbour pairs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_offset_grams_equal_per_point_numpy_loop(dtype):
+    points = 50.0 + torch.randn(120, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    nb = neighbourhoods(points.to(dtype), 6)
+    rows = nb.points.double().numpy()
+    expected = np.stack([(rows[nb.indices[i]] - rows[i]) @ (rows[nb.indices[i]] - rows[i]).T for i in range(120)])
+
+    grams = neighbour_offset_grams(nb, chunk_size=17)
+
+    assert grams.dtype == torch.float64
+    np.testing.assert_allclose(grams.numpy(), expected, rtol=1e-12, atol=1e-12)
+    squared_distances = torch.diagonal(grams, dim1=1, dim2=2)
+    torch.testing.assert_close(squared_distances.sqrt(), nb.distances.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(neighbour_offset_grams(nb, rows=(30, 71)), grams[30:71], rtol=0, atol=0)
+
+
+def test_neighbour_pairs_list_each_relation_once():
+    nb = neighbourhoods(torch.randn(80, 3, generator=torch.Generator().manual_seed(10)), 5)
+    expected = {frozenset((i, j)) for i in range(80) for j in nb.indices[i].tolist()}
+
+    pairs, slots = neighbour_pairs(nb.indices)
+
+    assert {frozenset(pair) for pair in pairs.tolist()} == expected
+    assert len(pairs) == len(expected)
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    for i in range(80):
+        for slot, j in enumerate(nb.indices[i].tolist()):
+            assert set(pairs[slots[i, slot]].tolist()) == {i, j}
+
+
+def test_mutual_neighbours_share_one_pair():
+    # Points 1 and 2 are each other's nearest neighbour; every other relation is one-way.
+    points = torch.tensor([[0.0], [1.0], [1.5], [3.5], [6.0]], dtype=torch.float64)
+    nb = neighbourhoods(points, 1)
+
+    pairs, slots = neighbour_pairs(nb.indices)
+
+    assert slots[1, 0] == slots[2, 0]
+    assert pairs.tolist() == [[0, 1], [1, 2], [2, 3], [3, 4]]

@@ -61,6 +61,23 @@ def test_volume_is_finite_where_determinant_overflows():
     assert float(result.volume) == pytest.approx(closed_form_volume(embeddings.numpy()), rel=1e-6)
 
 
+def test_eigenvalue_fallback_equals_cholesky_path(monkeypatch):
+    # The Cholesky factorisation of I + (d/m) Z^T Z fails only when rounding makes it indefinite, which takes
+    # d sigma_max^2 / m of about 1e15 or more. Here the failure is simulated, and the fallback must agree.
+    points = torch.randn(80, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 3.0
+    expected = float(volume(points, d=0.5).volume)
+    factorise = torch.linalg.cholesky_ex
+
+    def failing_cholesky(matrix):
+        factor, info = factorise(matrix)
+        return factor, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
+
+    assert float(volume(points, d=0.5).volume) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(closed_form_volume(points.numpy(), d=0.5), rel=1e-12)
+
+
 def test_density_is_volume_per_row():
     points = torch.randn(37, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
