@@ -7,6 +7,7 @@ closed form of the volume in numpy. None of them imports pmg-torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -16,18 +17,37 @@ from sklearn.neighbors import NearestNeighbors
 
 
 def neighbour_table(x: np.ndarray, k: int) -> np.ndarray:
-    """Return ``(n, k)`` indices of each row's ``k`` nearest other rows, from one scikit-learn query over all rows.
-
-    The query requests ``k + 1`` neighbours and removes the row itself by index rather than by rank, because a
-    distinct row at distance zero may be returned first. Where the row is missing from its own list (such ties),
-    the farthest of the ``k + 1`` is dropped instead.
-    """
-    n = x.shape[0]
+    """Return ``(n, k)`` indices of each row's ``k`` nearest other rows, from one scikit-learn query over all rows."""
     _, indices = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
-    is_other = indices != np.arange(n)[:, None]
+    return _without_self(indices, np.arange(x.shape[0]))
+
+
+class PerPointQuery:
+    """The ``k`` nearest other rows of one row per call, from a scikit-learn query for that row alone.
+
+    The published curvature loop finds neighbours this way, once for each point and once more for each neighbour
+    of each point.
+    """
+
+    def __init__(self, x: np.ndarray, k: int) -> None:
+        self.x = x
+        self.model = NearestNeighbors(n_neighbors=k + 1).fit(x)
+
+    def __call__(self, i: int) -> np.ndarray:
+        _, indices = self.model.kneighbors(self.x[i : i + 1])
+        return _without_self(indices, np.array([i]))[0]
+
+
+def _without_self(indices: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Drop each row from its own ``k + 1`` neighbours by index rather than by rank.
+
+    A distinct row at distance zero may be returned before the row itself. Where the row is missing from its own
+    list (such ties), the farthest of the ``k + 1`` is dropped instead.
+    """
+    is_other = indices != rows[:, None]
     lacks_self = is_other.all(axis=1)
     is_other[lacks_self, -1] = False
-    return indices[is_other].reshape(n, k)
+    return indices[is_other].reshape(len(rows), indices.shape[1] - 1)
 
 
 def centred_svd(x: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,20 +57,29 @@ def centred_svd(x: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.n
     return u, singular_values
 
 
-def reference_local_curvature(x: np.ndarray, table: np.ndarray, points: np.ndarray) -> np.ndarray:
+def reference_local_curvature(
+    x: np.ndarray, neighbours_of: Callable[[int], np.ndarray], points: np.ndarray
+) -> np.ndarray:
     """Return the published curvature formula's local value at each of ``points``, one point at a time.
 
     For point i with neighbours N(i), ``U_i`` and ``S_i`` come from the thin SVD of its centred neighbours, and
     its local value is the mean over j in N(i) of
-    ``arccos(clip(sum(svdvals(U_i^T U_j)) / (|S_i|_2 |S_j|_2), -1, 1))``. As in the published loop, the SVD of
-    each neighbour j is computed again for every point that has j as a neighbour.
+    ``arccos(clip(sum(svdvals(U_i^T U_j)) / (|S_i|_2 |S_j|_2), -1, 1))``. As in the published loop, the
+    neighbours and the SVD of each neighbour j are found again for every point that has j as a neighbour.
+
+    Args:
+        x: ``(n, D)`` points in float64.
+        neighbours_of: returns the ``k`` neighbour indices of one point: a row of :func:`neighbour_table`, or a
+            :class:`PerPointQuery`.
+        points: indices of the points to evaluate.
     """
     local = np.empty(len(points))
     for position, i in enumerate(points):
-        u_i, s_i = centred_svd(x, table[i])
-        angles = np.empty(table.shape[1])
-        for slot, j in enumerate(table[i]):
-            u_j, s_j = centred_svd(x, table[j])
+        neighbours = neighbours_of(i)
+        u_i, s_i = centred_svd(x, neighbours)
+        angles = np.empty(len(neighbours))
+        for slot, j in enumerate(neighbours):
+            u_j, s_j = centred_svd(x, neighbours_of(j))
             overlap = np.linalg.svd(u_i.T @ u_j, compute_uv=False).sum()
             cosine = overlap / (np.linalg.norm(s_i) * np.linalg.norm(s_j))
             angles[slot] = np.arccos(np.clip(cosine, -1.0, 1.0))

@@ -130,7 +130,13 @@ def run_section(name: str, section: Section, rows: list[Row], targets: list[Targ
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every section, print the tables and return 0, or 1 if a section failed."""
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"--device must be cpu or a CUDA device such as cuda or cuda:1, got {args.device!r}.", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         message = f"--device {args.device} was requested, but torch {torch.__version__} sees no CUDA device."
         print(message, file=sys.stderr)

@@ -16,7 +16,7 @@ from torch import Tensor
 from ._validation import DegenerateInputError, check_cloud, check_positive_int, drop_nonfinite_rows, working_dtype
 
 #: Largest number of entries of one block of the distance matrix, 2**24 (64 MiB in float32). With m points the
-#: search holds ``chunk_size * m`` distances at a time, so its memory no longer grows with ``m**2``.
+#: search keeps ``chunk_size * m`` distances at a time, so its memory no longer grows with ``m**2``.
 MAX_BLOCK_ENTRIES = 2**24
 
 #: Entries of one block of neighbour offsets, 2**17 (1 MiB in float64), in :func:`neighbour_offset_grams` and in
