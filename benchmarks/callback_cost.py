@@ -15,6 +15,7 @@ statistics for its CPU allocator and ``tracemalloc`` does not see tensor storage
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -25,7 +26,7 @@ import tempfile
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,24 +218,22 @@ def callback_rows(
     return rows, targets
 
 
-class _quiet_lightning:
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
     """Silence Lightning's start-up messages and its advice on data-loader workers while timing."""
-
-    def __enter__(self) -> None:
-        self._levels = {}
-        for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-            self._levels[name] = logging.getLogger(name).level
-            logging.getLogger(name).setLevel(logging.ERROR)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.filterwarnings("ignore", module="pytorch_lightning")
-        warnings.filterwarnings("ignore", module="lightning")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._warnings.__exit__(*exc_info)
-        for name, level in self._levels.items():
-            logging.getLogger(name).setLevel(level)
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pytorch_lightning")
+            warnings.filterwarnings("ignore", module="lightning")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # -- memory ----------------------------------------------------------------------------------------------------------

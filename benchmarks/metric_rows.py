@@ -106,7 +106,7 @@ def curvature_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], list[
     knn_seconds, table = median_time(lambda: references.neighbour_table(x, k), repeats=sizes.repeats)
     one_query = np.arange(sizes.curvature_loop_points)
     per_point = np.arange(sizes.curvature_published_points)
-    # The loops run on one BLAS thread because their SVDs are too small (k x D) to gain from a thread pool: on the
+    # The loops run on one BLAS thread because their SVDs are too small (k x D) to gain from a thread pool. On the
     # 2-core machine of RESULTS.md one thread was about 25% faster than two, so the reference is timed at its best.
     with threadpool_limits(limits=1, user_api="blas"):
         loop_seconds, one_query_local = median_time(
@@ -240,30 +240,30 @@ def holes_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], list[Targ
     abs_diff, rel_diff = max_differences(ours, list(expected))
     note = (
         f"{sizes.circle_points} points of a noisy circle in {sizes.ambient_dim}-D, subsample of "
-        f"{sizes.holes_max_points}; compared: count, total, mean, density; {result.count} hole(s) vs {expected.count}"
+        f"{sizes.holes_max_points}; compared: count, total, mean, density; {result.count} hole(s) vs {expected.n_holes}"
     )
     return [Row("holes (ripser, H1)", reference_seconds, ours_seconds, abs_diff, rel_diff, note)], []
 
 
 def volume_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], list[Target]]:
     """Time :func:`pmg_torch.volume` against numpy's ``slogdet`` of the ``D x D`` matrix in float64."""
-    rows: list[Row] = []
-    for m in sizes.volume_points:
-        z = wide_gaussian(m, sizes.ambient_dim, seed=m)
-        reference_seconds, expected = median_time(lambda z=z: references.reference_volume(z), repeats=sizes.repeats)
-        published = references.published_volume(z)
-        points = _to_device(z, device)
-        ours_seconds, value = median_time(
-            lambda points=points: pmg.volume(points), repeats=sizes.repeats, synchronize=synchronizer(device)
-        )
-        ours = float(value.volume)
-        abs_diff, rel_diff = max_differences([ours], [expected])
-        note = (
-            f"m={m}, D={sizes.ambient_dim}, float64, standard deviation 2; volume {expected:.2f} bits; "
-            f"the published det form gives {published:.4f}"
-        )
-        rows.append(Row(f"volume, m={m}", reference_seconds, ours_seconds, abs_diff, rel_diff, note))
-    return rows, []
+    return [_volume_row(wide_gaussian(m, sizes.ambient_dim, seed=m), sizes, device) for m in sizes.volume_points], []
+
+
+def _volume_row(z: np.ndarray, sizes: Sizes, device: torch.device) -> Row:
+    m = z.shape[0]
+    reference_seconds, expected = median_time(lambda: references.reference_volume(z), repeats=sizes.repeats)
+    published = references.published_volume(z)
+    points = _to_device(z, device)
+    ours_seconds, value = median_time(
+        lambda: pmg.volume(points), repeats=sizes.repeats, synchronize=synchronizer(device)
+    )
+    abs_diff, rel_diff = max_differences([float(value.volume)], [expected])
+    note = (
+        f"m={m}, D={sizes.ambient_dim}, float64, standard deviation 2; volume {expected:.2f} bits; "
+        f"the published det form gives {published:.4f}"
+    )
+    return Row(f"volume, m={m}", reference_seconds, ours_seconds, abs_diff, rel_diff, note)
 
 
 def suite_floor_flops(per_class: int, ambient_dim: int, k: int, tangent_dims: list[int]) -> float:
@@ -330,9 +330,10 @@ def suite_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], list[Targ
 
 
 def _default_tangent_dim(tle_estimate: float, sizes: Sizes) -> int:
-    """Rounded TLE clamped to ``[1, min(k - 1, D)]``: the tangent dimension curvature picks by default.
+    """Estimate the tangent dimension that curvature picks by default.
 
-    The default also clamps to the neighbourhoods' median numerical rank, which is ``k - 1`` for noisy data.
+    The default is the rounded TLE estimate, clamped to ``[1, min(k - 1, D - 1)]``. It also clamps to the
+    neighbourhoods' median numerical rank, which is ``k - 1`` for noisy data, so that clamp does not bind here.
     """
     rounded = math.floor(tle_estimate + 0.5) if math.isfinite(tle_estimate) else 1
-    return max(1, min(rounded, sizes.k - 1, sizes.ambient_dim))
+    return max(1, min(rounded, sizes.k - 1, max(sizes.ambient_dim - 1, 1)))

@@ -109,7 +109,7 @@ def published_volume(z: np.ndarray, d: float = 1.0) -> float:
 class HoleSummary(NamedTuple):
     """Dimension-1 persistence bars longer than the threshold, summarised."""
 
-    count: int
+    n_holes: int
     total_persistence: float
     mean_persistence: float
     density: float
