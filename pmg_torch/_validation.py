@@ -109,9 +109,7 @@ def describe(metric: str, label: Any = None) -> str:
 
 def warn_degenerate(metric: str, reason: str, label: Any = None, stacklevel: int = 3) -> None:
     """Issue the one warning that goes with a NaN result."""
-    warnings.warn(
-        f"{describe(metric, label)} is NaN: {reason}", DegenerateInputWarning, stacklevel=stacklevel
-    )
+    warnings.warn(f"{describe(metric, label)} is NaN: {reason}", DegenerateInputWarning, stacklevel=stacklevel)
 
 
 def warn_dropped_rows(metric: str, n_nonfinite: int, n_duplicates: int, n_used: int, stacklevel: int = 3) -> None:
