@@ -202,7 +202,7 @@ class EmbeddingCapture:
 
         The tensors are the live buffers, which later forwards overwrite in place; clone them to keep a snapshot.
         """
-        return {label: self._rows[label] for label in sorted(self._rows)}
+        return {label: self._rows[label][: self._n_filled(label)] for label in sorted(self._rows)}
 
     @property
     def n_seen(self) -> dict[int, int]:
@@ -267,13 +267,34 @@ class EmbeddingCapture:
         if n_append:
             # Indexing copies, so the buffer never keeps the activation (or its autograd graph) alive.
             new_rows = rows[positions[:n_append].to(rows.device)].float()
-            stored = self._rows.get(label)
-            self._rows[label] = new_rows if stored is None else torch.cat([stored, new_rows.to(stored.device)])
+            stored = self._reserve(label, n_seen, n_seen + n_append, new_rows)
+            stored[n_seen : n_seen + n_append] = new_rows.to(stored.device)
         if slots.numel():
             # Slots are drawn only once the reservoir is full, so the buffer exists by now.
             stored = self._rows[label]
             chosen = rows[positions[sources].to(rows.device)].float()
             stored[slots.to(stored.device)] = chosen.to(stored.device)
+
+    def _n_filled(self, label: int) -> int:
+        return min(self._n_seen.get(label, 0), self.max_per_class)
+
+    def _reserve(self, label: int, n_filled: int, n_needed: int, like: Tensor) -> Tensor:
+        """Return the buffer of ``label`` with room for ``n_needed`` rows, of which the first ``n_filled`` are set.
+
+        The buffer doubles when it grows, up to ``max_per_class`` rows, so filling a class copies each row a
+        bounded number of times instead of once per batch, and memory never exceeds ``max_per_class`` rows.
+        """
+        stored = self._rows.get(label)
+        if stored is not None and stored.shape[0] >= n_needed:
+            return stored
+        previous = 0 if stored is None else stored.shape[0]
+        capacity = min(self.max_per_class, max(n_needed, 2 * previous))
+        device = like.device if stored is None else stored.device
+        grown = torch.empty((capacity, like.shape[1]), dtype=torch.float32, device=device)
+        if stored is not None:
+            grown[:n_filled] = stored[:n_filled]
+        self._rows[label] = grown
+        return grown
 
 
 def reservoir_update(n_seen: int, n_new: int, capacity: int, generator: torch.Generator) -> tuple[int, Tensor, Tensor]:
