@@ -115,6 +115,10 @@ def load_digits_workload(with_expensive: bool) -> Workload:
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"examples/digits.py not found under {REPOSITORY}.")
     module = importlib.util.module_from_spec(spec)
+    # digits.py imports its sibling digits_net.py, as it does when run from examples/.
+    examples = str(REPOSITORY / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
     return Workload(

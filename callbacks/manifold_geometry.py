@@ -706,7 +706,7 @@ def real_sample_count(dataloader: Any) -> int | None:
 
 
 def _validation_loader(trainer: pl.Trainer, dataloader_idx: int) -> Any:
-    """Return the validation dataloader with index ``dataloader_idx``, or ``None`` when it cannot be told."""
+    """Return the validation dataloader with index ``dataloader_idx``, or ``None`` when it cannot be determined."""
     loaders = trainer.val_dataloaders
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from digits_net import DigitsNet
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,16 +35,9 @@ class DigitsClassifier(pl.LightningModule):
     def __init__(self, hidden: int = 64, channels: int = 16, lr: float = 3e-3, n_classes: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-        )
-        self.embed = nn.Sequential(nn.Linear(2 * channels * 4 * 4, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, n_classes)
+        # The layers are attributes of this module, so their names (``embed``, ``head``) match plain DigitsNet's.
+        net = DigitsNet(hidden=hidden, channels=channels, n_classes=n_classes)
+        self.features, self.embed, self.head = net.features, net.embed, net.head
         self.lr = lr
 
     def forward(self, images: Tensor) -> Tensor:

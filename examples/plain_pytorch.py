@@ -24,9 +24,10 @@ import argparse
 from collections.abc import Sequence
 
 import torch
+from digits_net import DigitsNet
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch import Tensor, nn
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
@@ -40,26 +41,6 @@ BATCH_SIZE = 64
 MAX_PIXEL = 16.0
 METRICS = ("curvature", "volume", "intrinsic_dimension", "shape_similarity")
 EXPENSIVE_METRICS = ("holes", "nonconvexity")
-
-
-class DigitsNet(nn.Module):
-    """Two 3x3 convolutions, a 2x2 max-pool, a ``hidden``-wide embedding and a linear head for 8x8 digits."""
-
-    def __init__(self, hidden: int = 64, channels: int = 16, n_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-        )
-        self.embed = nn.Sequential(nn.Linear(2 * channels * 4 * 4, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, n_classes)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.embed(self.features(images)))
 
 
 def digits_loaders(seed: int) -> tuple[DataLoader, DataLoader]:

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Minimum number of classes with both values defined for which :func:`spearman_correlation` returns a number. With two
-#: classes the rank correlation can only be -1 or +1, which says nothing about a trend.
+#: classes the rank correlation can only be -1 or +1, which carries no information about a trend.
 MIN_CLASSES_FOR_SPEARMAN = 3
 
 #: Tag component of per-class accuracy, ``<prefix>/accuracy/<class>``.

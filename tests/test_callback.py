@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_models import MLPClassifier
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -34,26 +35,9 @@ TRAIN_BATCHES = 2
 DEFAULT_TAGS = ("curvature", "volume", "intrinsic_dimension", "shape_similarity")
 
 
-class TinyClassifier(pl.LightningModule):
-    """An MLP whose head's input, ``body(x)``, is the layer the callback records by default."""
-
+class TinyClassifier(MLPClassifier):
     def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh())
-        self.head = nn.Linear(HIDDEN, N_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self(batch[0])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(IN_DIM, HIDDEN, N_CLASSES)
 
 
 class FailingClassifier(TinyClassifier):

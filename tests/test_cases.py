@@ -30,8 +30,8 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from ripser import ripser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_models import MLPClassifier
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import callbacks.manifold_geometry as manifold_geometry
@@ -604,24 +604,9 @@ def test_small_classes_get_nan_only_where_undefined() -> None:
     assert math.isfinite(report.values["curvature"][9])
 
 
-class SmallClassifier(pl.LightningModule):
+class SmallClassifier(MLPClassifier):
     def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 12), nn.Tanh())
-        self.head = nn.Linear(12, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self(batch[0])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(8, 12, 4)
 
 
 def loader(rows_per_class: dict[int, int], seed: int) -> DataLoader:

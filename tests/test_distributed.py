@@ -24,8 +24,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
+from tiny_models import MLPClassifier
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import ManifoldGeometryCallback
@@ -52,26 +52,9 @@ STEPS_PER_EPOCH = TRAIN_ROWS // 2 // BATCH
 SCRIPT_TIMEOUT = 200
 
 
-class SmallClassifier(pl.LightningModule):
-    """An MLP whose head's input, ``body(x)``, is the layer the callback records by default."""
-
+class SmallClassifier(MLPClassifier):
     def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh())
-        self.head = nn.Linear(HIDDEN, N_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self(batch[0])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(IN_DIM, HIDDEN, N_CLASSES)
 
 
 def uneven_labels() -> Tensor:

@@ -308,7 +308,7 @@ class StorageSpy(Callback):
             self.stored_with_graph.append(rows.grad_fn is not None or rows.requires_grad)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        # Listed before the callback, so this runs while the capture still holds the epoch's rows.
+        # Listed before the callback, so this runs while the capture still contains the epoch's rows.
         capture = self.callback._capture
         assert capture is not None
         self.rows_at_epoch_end.append({label: int(rows.shape[0]) for label, rows in capture.embeddings.items()})

@@ -260,6 +260,8 @@ def test_plain_example_logs_views_without_lightning(tmp_path):
     script = (
         "import runpy, sys\n"
         f"sys.argv = ['plain_pytorch.py', '--epochs', '1', '--no-expensive', '--logdir', {str(log_dir)!r}]\n"
+        # As `python examples/plain_pytorch.py` does, so that the example finds its sibling digits_net.py.
+        f"sys.path.insert(0, {str(REPO_ROOT / 'examples')!r})\n"
         f"runpy.run_path({str(REPO_ROOT / 'examples' / 'plain_pytorch.py')!r}, run_name='__main__')\n"
         "lightning = sorted(name for name in sys.modules if name.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
         "print('lightning modules:', lightning)\n"
