@@ -95,11 +95,26 @@ def working_dtype(x: Tensor) -> torch.dtype:
 
 def drop_nonfinite_rows(x: Tensor) -> tuple[Tensor, int]:
     """Return the rows of ``x`` whose entries are all finite, and how many rows were left out."""
+    # A NaN or infinite entry makes its row's sum NaN or infinite, so finite sums settle the common case in one pass.
+    if bool(torch.isfinite(x.sum(dim=1)).all()):
+        return x, 0
     finite = torch.isfinite(x).all(dim=1)
     n_dropped = int(x.shape[0] - finite.sum())
     if n_dropped == 0:
         return x, 0
     return x[finite], n_dropped
+
+
+def power_of_two_scale(x: Tensor) -> Tensor:
+    """Return the largest power of two not above ``max |x|`` (0.5 when every entry is 0), as a 0-d tensor.
+
+    ``x`` must be non-empty and finite. Dividing by the scale brings the largest magnitude into ``[1, 2)``, so
+    squares and products of the result neither overflow nor underflow for any finite ``x``. The division is exact
+    except for entries it takes below the dtype's smallest normal number, so at ordinary magnitudes it changes no bits.
+    """
+    magnitude = x.abs().amax()
+    _, exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.ones_like(magnitude), exponent - 1)
 
 
 def describe(metric: str, label: Any = None) -> str:

@@ -223,7 +223,7 @@ def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor, local_dimension
 def _curvature(nb: Neighbourhoods, method: str, tangent_dim: int | None, chunk_size: int | None) -> CurvatureResult:
     try:
         if method == "reference":
-            local = _reference_local_curvature(nb.points.to(torch.float64), nb.indices, chunk_size)
+            local = _reference_local_curvature(nb, chunk_size)
         else:
             local = _tangent_local_curvature(nb, tangent_dim, chunk_size)
     except torch.linalg.LinAlgError as error:
@@ -252,7 +252,10 @@ def _tangent_local_curvature(nb: Neighbourhoods, tangent_dim: int | None, chunk_
 
     if nb.points.dtype != torch.float64 and points.shape[0] <= GRAM_ROUTE_MAX_POINTS:
         singular_values = eigenvalues[:, :tangent_dim].clamp_min(0).sqrt()
-        angles, unreliable = _gram_route_angles(points, nb.indices, pairs, singular_values, left_vectors, tolerance)
+        gram = _cloud_gram(nb)
+        angles, unreliable = _gram_route_angles(
+            gram, points.shape[1], nb.indices, pairs, singular_values, left_vectors, tolerance
+        )
         redo = unreliable.nonzero().squeeze(1)
         if redo.numel() > 0:
             involved, redo_pairs = torch.unique(pairs[redo], return_inverse=True)
@@ -304,8 +307,23 @@ def _tangent_bases(points: Tensor, indices: Tensor, left_vectors: Tensor, chunk_
     return bases
 
 
+def _cloud_gram(nb: Neighbourhoods) -> Tensor:
+    """The float64 Gram matrix ``X_c X_c^T`` of the centred cloud: the search's own when it formed one."""
+    if nb.gram is not None and nb.gram_scale is not None:
+        return nb.gram * nb.gram_scale.square()
+    centred = nb.points.to(torch.float64)
+    centred = centred - centred.mean(dim=0)
+    return centred @ centred.T
+
+
 def _gram_route_angles(
-    points: Tensor, indices: Tensor, pairs: Tensor, singular_values: Tensor, left_vectors: Tensor, tolerance: float
+    gram: Tensor,
+    dim: int,
+    indices: Tensor,
+    pairs: Tensor,
+    singular_values: Tensor,
+    left_vectors: Tensor,
+    tolerance: float,
 ) -> tuple[Tensor, Tensor]:
     """Mean principal angle of each pair from the Gram matrix ``G = X_c X_c^T`` of the centred cloud, ``(p,)``.
 
@@ -320,12 +338,10 @@ def _gram_route_angles(
     """
     k = indices.shape[1]
     t = left_vectors.shape[2]
-    centred = points - points.mean(dim=0)
-    gram = centred @ centred.T
-    weights, rounding = _gram_route_weights(centred, gram, indices, singular_values, left_vectors)
+    weights, rounding = _gram_route_weights(gram, dim, indices, singular_values, left_vectors)
 
-    angles = torch.empty(pairs.shape[0], dtype=torch.float64, device=points.device)
-    unreliable = torch.empty(pairs.shape[0], dtype=torch.bool, device=points.device)
+    angles = torch.empty(pairs.shape[0], dtype=torch.float64, device=gram.device)
+    unreliable = torch.empty(pairs.shape[0], dtype=torch.bool, device=gram.device)
     for start, stop in _chunks(pairs.shape[0], k * k, None, PAIR_BLOCK_ENTRIES):
         first, second = pairs[start:stop, 0], pairs[start:stop, 1]
         blocks = _gram_blocks(gram, indices[first], indices[second])
@@ -341,7 +357,7 @@ def _gram_route_angles(
 
 
 def _gram_route_weights(
-    centred: Tensor, gram: Tensor, indices: Tensor, singular_values: Tensor, left_vectors: Tensor
+    gram: Tensor, dim: int, indices: Tensor, singular_values: Tensor, left_vectors: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Return the weights ``W_i`` ``(n, k, t)`` of the Gram route and an estimate of each one's rounding, ``(n,)``.
 
@@ -358,9 +374,9 @@ def _gram_route_weights(
     weights = torch.where(full_rank[:, None, None], left_vectors / singular_values[:, None, :], 0)
     weights = weights - weights.mean(dim=1, keepdim=True)
 
-    largest_norms = torch.linalg.vector_norm(centred, dim=1)[indices].amax(dim=1)
-    rounding = _EPSILON * math.sqrt(centred.shape[1]) * (largest_norms / singular_values[:, -1]).square()
-    identity = torch.eye(t, dtype=torch.float64, device=centred.device)
+    largest_norms = gram.diagonal().sqrt()[indices].amax(dim=1)
+    rounding = _EPSILON * math.sqrt(dim) * (largest_norms / singular_values[:, -1]).square()
+    identity = torch.eye(t, dtype=torch.float64, device=gram.device)
     for start, stop in _chunks(n, k * k, None, PAIR_BLOCK_ENTRIES):
         own_blocks = _gram_blocks(gram, indices[start:stop], indices[start:stop])
         overlap = weights[start:stop].transpose(1, 2) @ own_blocks @ weights[start:stop]
@@ -435,22 +451,31 @@ def _residual_angles(bases: Tensor, pairs: Tensor, chunk_size: int | None) -> Te
     return angles
 
 
-def _reference_local_curvature(points: Tensor, indices: Tensor, chunk_size: int | None) -> Tensor:
+def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Tensor:
     """Mean over neighbours of the published code's angle, ``(n,)``; see :func:`curvature`.
 
-    ``|S_i|_2`` is the Frobenius norm of ``M_i``. For ``k > D`` the thin ``U_i`` (``k x D``) spans the column
-    space of ``M_i``, so an orthonormal basis from QR gives the same singular values of ``U_i^T U_j`` without an
-    SVD. If a neighbourhood has rank below ``D``, the SVD's extra columns of ``U_i`` are an arbitrary completion,
-    so the published formula itself is not well defined there, and neither is this one.
+    ``|S_i|_2`` is the Frobenius norm of ``M_i``. When ``k <= D`` only these norms are needed, and
+    ``|M_i|_F^2 = tr(O) - 1^T O 1 / k`` with ``O`` the point's offset Gram matrix (centring on the neighbours' mean
+    removes the point), so no ``(k, D)`` neighbourhood is formed. For ``k > D`` the thin ``U_i`` (``k x D``) spans
+    the column space of ``M_i``, so an orthonormal basis from QR gives the same singular values of ``U_i^T U_j``
+    without an SVD. If a neighbourhood has rank below ``D``, the SVD's extra columns of ``U_i`` are an arbitrary
+    completion, so the published formula itself is not well defined there, and neither is this one.
     """
+    points = nb.points.to(torch.float64)
+    indices = nb.indices
     n, dim = points.shape
     k = indices.shape[1]
-    norms = torch.empty(n, dtype=torch.float64, device=points.device)
-    column_bases = torch.empty((n, k, dim), dtype=torch.float64, device=points.device) if k > dim else None
-    for start, stop in _chunks(n, k * dim, chunk_size):
-        centred = _centred_neighbourhoods(points, indices[start:stop])
-        norms[start:stop] = torch.linalg.matrix_norm(centred)
-        if column_bases is not None:
+    column_bases = None
+    if k <= dim:
+        offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size)
+        traces = torch.diagonal(offset_grams, dim1=1, dim2=2).sum(dim=1)
+        norms = (traces - offset_grams.sum(dim=(1, 2)) / k).clamp_min_(0).sqrt_()
+    else:
+        norms = torch.empty(n, dtype=torch.float64, device=points.device)
+        column_bases = torch.empty((n, k, dim), dtype=torch.float64, device=points.device)
+        for start, stop in _chunks(n, k * dim, chunk_size):
+            centred = _centred_neighbourhoods(points, indices[start:stop])
+            norms[start:stop] = torch.linalg.matrix_norm(centred)
             column_bases[start:stop] = torch.linalg.qr(centred).Q
 
     local = torch.empty(n, dtype=torch.float64, device=points.device)

@@ -2,18 +2,27 @@
 
 Every kNN-based metric in the package (curvature, TLE, MLE, TwoNN) starts from :func:`neighbourhoods`, so that
 :func:`pmg_torch.analyze` can search once per class and share the result. Curvature and TLE both work from the Gram
-matrices of each point's neighbour offsets (:func:`neighbour_offset_grams`), the only step of theirs whose cost grows
-with ``D``.
+matrices of each point's neighbour offsets (:func:`neighbour_offset_grams`). For clouds of up to
+:data:`GRAM_MAX_POINTS` distinct rows, one float64 Gram matrix of the whole cloud serves the search, the distances
+and the offset Gram matrices, so that product is the only work whose cost grows with ``D``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._validation import DegenerateInputError, check_cloud, check_positive_int, drop_nonfinite_rows, working_dtype
+from ._validation import (
+    DegenerateInputError,
+    check_cloud,
+    check_positive_int,
+    drop_nonfinite_rows,
+    power_of_two_scale,
+    working_dtype,
+)
 
 #: Largest number of entries of one block of the distance matrix, 2**24 (64 MiB in float32). With m points the
 #: search keeps ``chunk_size * m`` distances at a time, so its memory no longer grows with ``m**2``.
@@ -23,6 +32,23 @@ MAX_BLOCK_ENTRIES = 2**24
 #: the distances :func:`knn` recomputes. Blocks that stay in cache made the two steps about 2 and 6 times as fast as
 #: one block of every point (1000 x 512 float32 cloud, k = 20, one thread of a 2-core x86 VM).
 OFFSET_BLOCK_ENTRIES = 2**17
+
+#: Most distinct rows for which :func:`neighbourhoods` forms the float64 Gram matrix of the whole cloud. At this size
+#: the matrix has :data:`MAX_BLOCK_ENTRIES` entries (128 MiB). Larger clouds get the chunked search of :func:`knn`.
+GRAM_MAX_POINTS = 4096
+
+#: Largest relative error allowed, by a rounding bound, in a squared distance or an offset Gram entry taken from the
+#: cloud's Gram matrix (relative to the neighbourhood's squared radius for offset entries). A point whose bound is
+#: above it gets its values recomputed from row differences. On embeddings the bound is near 1e-12 and the measured
+#: error near 1e-15; the bound exceeds the tolerance when a neighbourhood is hundreds of times narrower than its
+#: distance from the cloud's mean.
+GRAM_TOLERANCE = 1e-10
+
+#: Query rows per block of the candidate ranking on the Gram route: a block of 256 rows of a 1000-point cloud
+#: stays in cache, and larger blocks ran no faster.
+RANKING_BLOCK_ROWS = 256
+
+_EPSILON = torch.finfo(torch.float64).eps
 
 
 class Neighbourhoods(NamedTuple):
@@ -34,6 +60,10 @@ class Neighbourhoods(NamedTuple):
         indices: ``(n, k)`` row indices into ``points`` of the neighbours; a point is never its own neighbour.
         n_duplicates: rows removed because they repeated an earlier row exactly.
         n_nonfinite: rows removed because they held NaN or infinity.
+        gram: ``(n, n)`` float64 Gram matrix of ``(points - mean) / gram_scale`` when the search formed it (clouds
+            of at most :data:`GRAM_MAX_POINTS` rows), else ``None``.
+        gram_scale: 0-d float64 power of two by which ``gram``'s rows were divided, so that the Gram matrix of the
+            centred rows is ``gram * gram_scale**2``; ``None`` without ``gram``.
     """
 
     points: Tensor
@@ -41,6 +71,8 @@ class Neighbourhoods(NamedTuple):
     indices: Tensor
     n_duplicates: int
     n_nonfinite: int
+    gram: Tensor | None = None
+    gram_scale: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -120,7 +152,7 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
 
     x = x.to(working_dtype(x))
     finite = torch.isfinite(x).all(dim=1)
-    scale = _power_of_two_scale(x, finite)
+    scale = power_of_two_scale(torch.where(finite[:, None], x, 0))
     x = x / scale
     # The expansion loses digits in proportion to |a|^2 / |a - b|^2, so candidates are ranked on the cloud centred
     # on the mean of its finite rows. The returned distances come from the rows themselves, not from the expansion.
@@ -130,15 +162,55 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     all_distances = torch.empty((m, k), dtype=x.dtype, device=x.device)
     for start in range(0, m, chunk_size):
         stop = min(start + chunk_size, m)
-        block = squared_norms[start:stop, None] + squared_norms[None, :] - 2.0 * (centred[start:stop] @ centred.T)
-        rows = torch.arange(stop - start, device=x.device)
-        block[rows, rows + start] = float("inf")
-        chosen = torch.topk(block, k, dim=1, largest=False, sorted=False).indices
+        # |b|^2 - 2 a.b ranks the candidates b of query a as |a - b|^2 does; one addmm forms it in one pass.
+        block = torch.addmm(squared_norms[None, :], centred[start:stop], centred.T, alpha=-2.0)
+        chosen = _nearest_columns(block, k, start)
         distances = _direct_distances(x[start:stop], x, chosen) * scale
         distances, order = torch.sort(distances, dim=1)
         all_distances[start:stop] = distances
         all_indices[start:stop] = torch.gather(chosen, 1, order)
     return all_distances, all_indices
+
+
+def _nearest_columns(keys: Tensor, k: int, start: int) -> Tensor:
+    """Return the columns of the ``k`` smallest ``keys`` of each row, unsorted, leaving out row ``i``'s own column.
+
+    ``keys`` ``(c, m)`` belongs to query rows ``start:start + c`` and is overwritten on those diagonal entries.
+    """
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    keys[rows, rows + start] = float("inf")
+    return torch.topk(keys, k, dim=1, largest=False, sorted=False).indices
+
+
+def _gram_search(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Search with one float64 Gram matrix of the cloud; return ``(distances, indices, gram, scale)``.
+
+    ``gram`` is ``(n, n)``, the Gram matrix of the rows divided by ``scale`` (a power of two, see
+    :func:`~pmg_torch._validation.power_of_two_scale`) and centred on their mean. Candidates are ranked by
+    ``G_bb - 2 G_ab`` as in :func:`knn`, and the chosen squared distances are ``G_aa + G_bb - 2 G_ab``. Each entry
+    of ``G`` is a sum of ``D`` products, rounded by at most about ``D eps |a| |b|``, so a squared distance is off by
+    at most ``2 D eps (G_aa + G_bb)``. Points for which that exceeds :data:`GRAM_TOLERANCE` of a squared distance get
+    their distances recomputed from the row differences, as :func:`knn` computes all of them.
+    """
+    n, dim = x.shape
+    scale = power_of_two_scale(x).to(torch.float64)
+    scaled = x.to(torch.float64) / scale
+    centred = scaled - scaled.mean(dim=0)
+    gram = centred @ centred.T
+    squared_norms = gram.diagonal()
+    indices = torch.empty((n, k), dtype=torch.long, device=x.device)
+    for start in range(0, n, RANKING_BLOCK_ROWS):
+        stop = min(start + RANKING_BLOCK_ROWS, n)
+        keys = torch.add(squared_norms, gram[start:stop], alpha=-2.0)
+        indices[start:stop] = _nearest_columns(keys, k, start)
+    norm_sums = squared_norms[indices].add_(squared_norms[:, None])
+    squared = torch.add(norm_sums, gram.gather(1, indices), alpha=-2.0).clamp_min_(0)
+    redo = (norm_sums.mul_(2 * dim * _EPSILON) > GRAM_TOLERANCE * squared).any(dim=1).nonzero().squeeze(1)
+    distances = squared.sqrt_()
+    if redo.numel() > 0:
+        distances[redo] = _direct_distances(scaled[redo], scaled, indices[redo])
+    distances, order = torch.sort(distances.mul_(scale), dim=1)
+    return distances.to(working_dtype(x)), torch.gather(indices, 1, order), gram, scale
 
 
 def _direct_distances(queries: Tensor, x: Tensor, chosen: Tensor) -> Tensor:
@@ -157,19 +229,18 @@ def _direct_distances(queries: Tensor, x: Tensor, chosen: Tensor) -> Tensor:
     return distances
 
 
-def _power_of_two_scale(x: Tensor, finite: Tensor) -> Tensor:
-    """Return the largest power of two not above the largest finite ``|x|`` (0.5 when that is 0), as a 0-d tensor.
-
-    Dividing by it leaves every finite entry below 2 in magnitude, and the scale itself stays representable even
-    when the largest entry is close to the dtype's maximum.
-    """
-    magnitude = torch.where(finite[:, None], x.abs(), 0).amax()
-    _, exponent = torch.frexp(magnitude)
-    return torch.ldexp(torch.ones_like(magnitude), exponent - 1)
-
-
 def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neighbourhoods:
     """Clean ``x`` (drop non-finite rows, then exact duplicates) and find each remaining point's ``k`` neighbours.
+
+    Up to :data:`GRAM_MAX_POINTS` distinct rows, the search forms the float64 Gram matrix of the cloud once and keeps
+    it in :attr:`Neighbourhoods.gram` for :func:`neighbour_offset_grams` and the metrics; its squared distances are
+    within :data:`GRAM_TOLERANCE` of the direct ones, relatively. Larger clouds use :func:`knn`, whose memory stays
+    under one block of the distance matrix.
+
+    Args:
+        x: ``(m, D)`` points, floating point.
+        k: neighbours per point.
+        chunk_size: query rows per block of :func:`knn`, for clouds above :data:`GRAM_MAX_POINTS` rows.
 
     Raises:
         TypeError, ValueError: for a malformed ``x`` or ``k``.
@@ -190,6 +261,9 @@ def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neigh
             details.append(f"{n_nonfinite} non-finite rows removed")
         suffix = f" ({', '.join(details)})" if details else ""
         raise DegenerateInputError(f"{n} distinct finite rows{suffix}; at least k + 1 = {k + 1} are needed")
+    if n <= GRAM_MAX_POINTS:
+        distances, indices, gram, scale = _gram_search(points, k)
+        return Neighbourhoods(points, distances, indices, n_duplicates, n_nonfinite, gram, scale)
     distances, indices = knn(points, k, chunk_size=chunk_size)
     return Neighbourhoods(points, distances, indices, n_duplicates, n_nonfinite)
 
@@ -201,8 +275,13 @@ def neighbour_offset_grams(
 
     For point ``q`` with neighbours ``x_1..x_k``, entry ``(a, b)`` is ``(x_a - q) . (x_b - q)``. The diagonal
     contains the squared neighbour distances, ``|x_a - x_b|^2`` is ``O_aa + O_bb - 2 O_ab``, and double centring
-    gives the Gram matrix of the neighbours centred on their own mean. The offsets are taken from the rows before
-    any product, so rounding is relative to the neighbourhood's radius, not to the distance from the origin.
+    gives the Gram matrix of the neighbours centred on their own mean.
+
+    When ``nb`` holds the cloud's Gram matrix ``G``, ``O_ab = G_ab - G_qa - G_qb + G_qq`` costs a few gathers per
+    point. Its rounding grows with the rows' distance from the cloud's mean, so a point whose rounding bound exceeds
+    :data:`GRAM_TOLERANCE` of its squared neighbourhood radius is computed from its offsets instead. Otherwise every
+    matrix comes from the offsets, taken from the rows before any product, so rounding is relative to the
+    neighbourhood's radius, not to the distance from the origin.
 
     Args:
         nb: the output of :func:`neighbourhoods`.
@@ -220,13 +299,58 @@ def neighbour_offset_grams(
     first, last = (0, points.shape[0]) if rows is None else rows
     if chunk_size is None:
         chunk_size = max(1, OFFSET_BLOCK_ENTRIES // (k * dim))
+    if nb.gram is not None and nb.gram_scale is not None:
+        grams, redo = _offset_grams_from_gram(nb.gram, nb.gram_scale, nb.indices[first:last], first, dim)
+        for start in range(0, redo.numel(), chunk_size):
+            block = redo[start : start + chunk_size]
+            grams[block] = _direct_offset_grams(points, nb.indices, block + first)
+        return grams
     grams = torch.empty((last - first, k, k), dtype=torch.float64, device=points.device)
     for start in range(first, last, chunk_size):
         stop = min(start + chunk_size, last)
-        offsets = points[nb.indices[start:stop]].to(torch.float64)
-        offsets -= points[start:stop, None, :].to(torch.float64)
-        torch.bmm(offsets, offsets.transpose(1, 2), out=grams[start - first : stop - first])
+        positions = torch.arange(start, stop, device=points.device)
+        grams[start - first : stop - first] = _direct_offset_grams(points, nb.indices, positions)
     return grams
+
+
+def _direct_offset_grams(points: Tensor, indices: Tensor, positions: Tensor) -> Tensor:
+    """``(c, k, k)`` offset Gram matrices of the points at ``positions``, from the offsets themselves, in float64."""
+    offsets = points[indices[positions]].to(torch.float64)
+    offsets -= points[positions, None, :].to(torch.float64)
+    return torch.bmm(offsets, offsets.transpose(1, 2))
+
+
+def _offset_grams_from_gram(
+    gram: Tensor, scale: Tensor, indices: Tensor, first: int, dim: int
+) -> tuple[Tensor, Tensor]:
+    """Offset Gram matrices of points ``first:first + c`` from the cloud's Gram matrix, and the points to redo.
+
+    ``O_ab = G_ab - G_qa - G_qb + G_qq``, gathered with ``k^2 + k + 1`` entries of ``G`` per point. Each of the four
+    terms is rounded by at most about ``D eps max |x|^2`` over the point and its neighbours (centred rows), and a
+    squared distance among them combines up to four entries of ``O``. A point is returned in ``redo`` (positions
+    relative to ``first``), for the caller to recompute from offsets, when that bound exceeds
+    :data:`GRAM_TOLERANCE` of the shortest squared distance among the point and its neighbours. Near-duplicate
+    neighbours therefore send their point to the offsets, where TLE's differences of nearly equal radii keep their
+    digits.
+    """
+    n = gram.shape[0]
+    c, k = indices.shape
+    # One index_select on the flattened matrix gathers the k x k blocks several times faster than advanced indexing.
+    index_dtype = torch.int32 if n * n < 2**31 else torch.long
+    flat = (indices.to(index_dtype) * n)[:, :, None] + indices.to(index_dtype)[:, None, :]
+    grams = gram.view(-1).index_select(0, flat.view(-1)).view(c, k, k)
+    towards = gram[first : first + c].gather(1, indices)
+    squared_norms = gram.diagonal()
+    own = squared_norms[first : first + c]
+    grams.sub_(towards[:, :, None]).sub_(towards[:, None, :]).add_(own[:, None, None])
+
+    largest = torch.maximum(squared_norms[indices].amax(dim=1), own)
+    squared_distances = torch.diagonal(grams, dim1=1, dim2=2)
+    between = torch.add(squared_distances[:, :, None], grams, alpha=-2.0).add_(squared_distances[:, None, :])
+    between.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    shortest = torch.minimum(between.amin(dim=(1, 2)), squared_distances.amin(dim=1))
+    redo = (16 * dim * _EPSILON * largest > GRAM_TOLERANCE * shortest).nonzero().squeeze(1)
+    return grams.mul_(scale.square()), redo
 
 
 def neighbour_pairs(indices: Tensor) -> tuple[Tensor, Tensor]:

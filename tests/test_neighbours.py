@@ -8,6 +8,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from pmg_torch import Neighbourhoods, knn, neighbourhoods, remove_duplicate_rows
+from pmg_torch import neighbours as neighbours_module
 from pmg_torch._validation import DegenerateInputError
 from pmg_torch.neighbours import neighbour_offset_grams, neighbour_pairs
 
@@ -141,7 +142,8 @@ def test_neighbourhoods_drop_nonfinite_rows_then_duplicates():
     assert nb.k == 5
     expected_distances, expected_indices = knn(base, 5)
     torch.testing.assert_close(nb.indices, expected_indices, rtol=0, atol=0)
-    torch.testing.assert_close(nb.distances, expected_distances, rtol=0, atol=0)
+    # The search took the Gram matrix route, whose distances are within rounding of the direct ones.
+    torch.testing.assert_close(nb.distances, expected_distances, rtol=1e-13, atol=0)
 
 
 def test_neighbourhoods_too_few_rows_raise():
@@ -153,6 +155,84 @@ def test_neighbourhoods_too_few_rows_raise():
     assert "7 duplicate rows removed" in raised.value.reason
     assert "2 non-finite rows removed" in raised.value.reason
     assert "k + 1 = 5" in raised.value.reason
+
+
+# -- the search through the cloud's Gram matrix -------------------------------------------------------------------
+
+
+def direct_offset_grams(nb: Neighbourhoods) -> np.ndarray:
+    """Per-point numpy float64 loop: the Gram matrix of each point's neighbour offsets."""
+    rows = nb.points.double().numpy()
+    return np.stack([(rows[nb.indices[i]] - rows[i]) @ (rows[nb.indices[i]] - rows[i]).T for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_search_equals_sklearn_and_keeps_the_gram(dtype):
+    points = np.random.default_rng(10).normal(size=(400, 128))
+    expected_distances, expected_indices = sklearn_neighbours(points, 12)
+
+    nb = neighbourhoods(torch.from_numpy(points).to(dtype), 12)
+
+    assert nb.gram is not None and nb.gram.shape == (400, 400) and nb.gram.dtype == torch.float64
+    np.testing.assert_array_equal(nb.indices.numpy(), expected_indices)
+    rtol = 1e-13 if dtype == torch.float64 else 1e-6
+    np.testing.assert_allclose(nb.distances.numpy(), expected_distances, rtol=rtol)
+    centred = nb.points.double() - nb.points.double().mean(dim=0)
+    torch.testing.assert_close(nb.gram * nb.gram_scale**2, centred @ centred.T, rtol=1e-13, atol=1e-12)
+
+
+def test_gram_search_recomputes_narrow_neighbourhoods_from_differences():
+    # Rows 1e4 from the mean with neighbours 1e-3 apart: the Gram matrix's rounding exceeds the tolerance, so the
+    # distances and offset Gram matrices must come from the differences of the rows, as in knn.
+    generator = torch.Generator().manual_seed(11)
+    points = torch.cat(
+        [
+            1e4 + 1e-3 * torch.randn(60, 4, generator=generator, dtype=torch.float64),
+            -1e4 * torch.ones(1, 4, dtype=torch.float64),
+        ]
+    )
+
+    nb = neighbourhoods(points, 3)
+
+    direct = torch.linalg.vector_norm(nb.points[:60, None, :] - nb.points[nb.indices[:60]], dim=2)
+    torch.testing.assert_close(nb.distances[:60], direct, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(neighbour_offset_grams(nb).numpy(), direct_offset_grams(nb), rtol=1e-12, atol=1e-20)
+
+
+def test_points_with_near_duplicate_neighbours_take_their_offsets_from_the_rows():
+    # TLE recomputes close pairs from row differences and relies on the other entries being rounded relative to the
+    # neighbourhood's radius, which the Gram matrix does not give when two neighbours are 1e-9 apart.
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(80, 6))
+    points = torch.from_numpy(np.concatenate([base, base[:10] + 1e-9 * rng.normal(size=(10, 6))]))
+    nb = neighbourhoods(points, 8)
+    assert nb.gram is not None and nb.gram_scale is not None
+
+    _, redo = neighbours_module._offset_grams_from_gram(nb.gram, nb.gram_scale, nb.indices, 0, 6)
+
+    rows = points.numpy()
+    twins = {i for i in range(90) for j in range(90) if i != j and np.abs(rows[i] - rows[j]).max() < 1e-6}
+    near_twins = {i for i in range(90) if len(twins & set(nb.indices[i].tolist())) >= 2}
+    assert near_twins and near_twins <= set(redo.tolist())
+    spread = neighbourhoods(torch.from_numpy(base), 8)
+    assert spread.gram is not None and spread.gram_scale is not None
+    _, none = neighbours_module._offset_grams_from_gram(spread.gram, spread.gram_scale, spread.indices, 0, 6)
+    assert none.numel() == 0
+
+
+def test_clouds_above_the_gram_limit_use_the_chunked_search(monkeypatch):
+    points = torch.randn(200, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    gram_route = neighbourhoods(points, 7)
+    monkeypatch.setattr(neighbours_module, "GRAM_MAX_POINTS", 100)
+
+    chunked = neighbourhoods(points, 7)
+
+    assert chunked.gram is None and gram_route.gram is not None
+    torch.testing.assert_close(chunked.indices, gram_route.indices, rtol=0, atol=0)
+    torch.testing.assert_close(chunked.distances, gram_route.distances, rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        neighbour_offset_grams(chunked), neighbour_offset_grams(gram_route), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_neighbourhoods_points_are_in_working_dtype():
