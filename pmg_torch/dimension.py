@@ -236,40 +236,37 @@ def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, s
     """TLE for a block of points, from the ``(c, k, k)`` Gram matrices of each point's neighbour offsets.
 
     ``points`` and ``indices`` are the whole cloud's, and the block starts at point ``start``; close pairs are
-    recomputed from them.
+    recomputed from them. Lengths are taken in units of each point's radius ``r``, so measurements are compared
+    with ``epsilon`` directly, and each kept pair needs one logarithm, of ``s t / r^2``.
     """
     k = grams.shape[1]
-    squared_distances = torch.diagonal(grams, dim1=1, dim2=2)
-    squared_radius = squared_distances.amax(dim=1)
-    radius = squared_radius.sqrt()[:, None, None]
-
+    squared_radius = torch.diagonal(grams, dim1=1, dim2=2).amax(dim=1)
+    unit = grams / squared_radius[:, None, None]
+    squared_distances = torch.diagonal(unit, dim1=1, dim2=2).clone()
     r_i_squared = squared_distances[:, :, None]
-    r_j_squared = squared_distances[:, None, :]
-    # a = r_i^2 + w - r_j^2 with w = v^2 or z^2 is 2 (O_ii -+ O_ij).
-    own = r_i_squared.expand_as(grams)
-    a_direct = 2 * (own - grams)
-    a_reflected = 2 * (own + grams)
-    sums = r_i_squared + r_j_squared
-    v_squared = (sums - 2 * grams).clamp_min_(0)
-    z_squared = sums.add_(grams, alpha=2).clamp_min_(0)
-    close = v_squared < CLOSE_PAIR_FRACTION * squared_radius[:, None, None]
+
+    # a = r_i^2 + w - r_j^2 with w = v^2 or z^2 is 2 (O_ii -+ O_ij), and w = a + r_j^2 - r_i^2.
+    twice = unit.mul_(2)
+    a_direct = torch.sub(2 * r_i_squared, twice)
+    a_reflected = twice.add_(2 * r_i_squared)
+    spread = squared_distances[:, None, :] - r_i_squared
+    v_squared = torch.add(a_direct, spread).clamp_min_(0)
+    z_squared = spread.add_(a_reflected).clamp_min_(0)
+    close = v_squared < CLOSE_PAIR_FRACTION
     close.diagonal(dim1=1, dim2=2).fill_(False)
     if bool(close.any()):
-        _recompute_close_pairs(close, points, indices, start, v_squared, a_direct)
-    room = (squared_radius[:, None, None] - r_i_squared).clamp_min(0)
-    s = _tle_measurement(v_squared, a_direct, radius, room)
-    t = _tle_measurement(z_squared, a_reflected, radius, room)
+        _recompute_close_pairs(close, points, indices, start, squared_radius, v_squared, a_direct)
+    room = (1 - r_i_squared).clamp_min_(0)
+    s = _tle_measurement(v_squared, a_direct, room)
+    t = _tle_measurement(z_squared, a_reflected, room)
 
-    log_s = torch.log(s / radius)
-    log_t = torch.log(t / radius)
-    log_epsilon = math.log(epsilon)
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=grams.device)
-    pair_kept = off_diagonal & (log_s >= log_epsilon) & (log_t >= log_epsilon)
-    measurement_sum = torch.where(pair_kept, log_s + log_t, 0).sum(dim=(1, 2))
-    n_dropped_pairs = (off_diagonal & ~pair_kept).sum(dim=(1, 2))
+    pair_kept = (s >= epsilon).logical_and_(t >= epsilon).logical_and_(off_diagonal)
+    measurement_sum = torch.log(s.mul_(t)).masked_fill_(~pair_kept, 0).sum(dim=(1, 2))
+    n_dropped_pairs = k * (k - 1) - pair_kept.sum(dim=(1, 2))
 
-    log_distances = 0.5 * torch.log(squared_distances / squared_radius[:, None])
-    distance_kept = log_distances >= log_epsilon
+    log_distances = 0.5 * torch.log(squared_distances)
+    distance_kept = log_distances >= math.log(epsilon)
     distance_sum = torch.where(distance_kept, log_distances, 0).sum(dim=1)
     n_dropped_distances = (~distance_kept).sum(dim=1)
 
@@ -279,30 +276,38 @@ def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, s
 
 
 def _recompute_close_pairs(
-    close: Tensor, points: Tensor, indices: Tensor, start: int, v_squared: Tensor, a_direct: Tensor
+    close: Tensor,
+    points: Tensor,
+    indices: Tensor,
+    start: int,
+    squared_radius: Tensor,
+    v_squared: Tensor,
+    a_direct: Tensor,
 ) -> None:
-    """Overwrite ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` of the ``close`` pairs with values from row differences."""
+    """Overwrite ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` of the ``close`` pairs with values from row differences.
+
+    Both are written in units of the point's squared radius, as :func:`_tle_block` holds them.
+    """
     point, i, j = close.nonzero(as_tuple=True)
     centre = points[start + point].to(torch.float64)
     first = points[indices[start + point, i]].to(torch.float64)
     second = points[indices[start + point, j]].to(torch.float64)
     difference = first - second
-    v_squared[point, i, j] = difference.square().sum(dim=1)
-    a_direct[point, i, j] = 2 * ((first - centre) * difference).sum(dim=1)
+    unit = squared_radius[point]
+    v_squared[point, i, j] = difference.square().sum(dim=1) / unit
+    a_direct[point, i, j] = 2 * ((first - centre) * difference).sum(dim=1) / unit
 
 
-def _tle_measurement(spread_squared: Tensor, a: Tensor, r: Tensor, room: Tensor) -> Tensor:
-    """Compute one TLE measurement, ``r (sqrt(a^2 + 4 w (r^2 - r_i^2)) - a) / (2 (r^2 - r_i^2))`` with ``w`` the spread.
+def _tle_measurement(spread_squared: Tensor, a: Tensor, room: Tensor) -> Tensor:
+    """Compute one TLE measurement in units of ``r``: ``(sqrt(a^2 + 4 w room) - a) / (2 room)``, ``w`` the spread.
 
-    ``a = r_i^2 + w - r_j^2`` and ``room = r^2 - r_i^2``. For ``a > 0`` the numerator is rationalised to
-    ``2 r w / (sqrt(...) + a)``, which has no cancellation and needs no special case when ``r_i = r``. For
-    ``a <= 0`` the subtraction adds two non-negative numbers, and ``r_i < r`` holds, so the original form is
-    accurate there. Coincident points give 0/0; the NaN fails the epsilon test of the caller, which drops the pair.
+    ``a = r_i^2 + w - r_j^2`` and ``room = 1 - r_i^2``, in units of ``r^2``. With ``q = sqrt(...) + |a|``, the
+    measurement is ``2 w / q`` for ``a > 0`` (the numerator rationalised, so there is no cancellation and no special
+    case when ``r_i = r``) and ``q / (2 room)`` for ``a <= 0``, where the sum has no cancellation and ``r_i < r``
+    holds. Coincident points give 0/0; the NaN fails the epsilon test of the caller, which drops the pair.
     """
-    root = torch.sqrt(a.square() + 4 * spread_squared * room)
-    rationalised = 2 * r * spread_squared / (root + a)
-    direct = r * (root - a) / (2 * room)
-    return torch.where(a > 0, rationalised, direct)
+    q = torch.addcmul(a.square(), spread_squared, room, value=4).sqrt_().add_(a.abs())
+    return torch.where(a > 0, (2 * spread_squared).div_(q), q.div_(2 * room))
 
 
 def _mle(distances: Tensor) -> Tensor:
