@@ -31,7 +31,7 @@ from ._validation import (
 from .capture import EmbeddingCapture
 from .convexity import nonconvexity
 from .curvature import curvature_from_neighbourhoods
-from .dimension import intrinsic_dimension_from_neighbourhoods, participation_ratio
+from .dimension import intrinsic_dimension_from_neighbourhoods, participation_ratio, tle_pointwise
 from .neighbours import Neighbourhoods, neighbourhoods, remove_duplicate_rows
 from .shape import METRIC as SHAPE_SIMILARITY_METRIC
 from .shape import shape_similarity_matrix
@@ -515,10 +515,15 @@ class _ClassAnalysis:
             self.messages.append(_nan_message(self.name, knn_metrics, "; ".join(outcome.notes)))
             return
         nb = outcome.result
+        local_dimensions = None
+        settings = self.settings
+        if len(knn_metrics) == 2 and settings.id_method == "tle" and settings.curvature_method == "tangent":
+            # Curvature's default tangent dimension is the rounded mean of the same pointwise TLE estimates.
+            local_dimensions = _capture(lambda: tle_pointwise(nb)).result if settings.tangent_dim is None else None
         if "curvature" in knn_metrics:
-            self.record(["curvature"], lambda: _curvature_values(nb, self.settings))
+            self.record(["curvature"], lambda: _curvature_values(nb, settings, local_dimensions))
         if "intrinsic_dimension" in knn_metrics:
-            self.record(["intrinsic_dimension"], lambda: _knn_dimension_values(nb, self.settings))
+            self.record(["intrinsic_dimension"], lambda: _knn_dimension_values(nb, settings, local_dimensions))
 
     def record(self, metrics: Sequence[str], compute: Callable[[], tuple[dict[str, float], Any]]) -> None:
         """Run one computation that serves ``metrics``, store its values and extras, and note one warning at most.
@@ -559,13 +564,20 @@ def _cloud_computations(
     return chosen
 
 
-def _curvature_values(nb: Neighbourhoods, settings: _Settings) -> tuple[dict[str, float], Tensor]:
-    result = curvature_from_neighbourhoods(nb, method=settings.curvature_method, tangent_dim=settings.tangent_dim)
+def _curvature_values(
+    nb: Neighbourhoods, settings: _Settings, local_dimensions: Tensor | None
+) -> tuple[dict[str, float], Tensor]:
+    result = curvature_from_neighbourhoods(
+        nb, method=settings.curvature_method, tangent_dim=settings.tangent_dim, local_dimensions=local_dimensions
+    )
     return {"curvature": float(result.overall)}, result.local
 
 
-def _knn_dimension_values(nb: Neighbourhoods, settings: _Settings) -> tuple[dict[str, float], None]:
-    return {"intrinsic_dimension": float(intrinsic_dimension_from_neighbourhoods(nb, method=settings.id_method))}, None
+def _knn_dimension_values(
+    nb: Neighbourhoods, settings: _Settings, local_dimensions: Tensor | None
+) -> tuple[dict[str, float], None]:
+    value = intrinsic_dimension_from_neighbourhoods(nb, method=settings.id_method, local_dimensions=local_dimensions)
+    return {"intrinsic_dimension": float(value)}, None
 
 
 def _volume_values(finite: Tensor, settings: _Settings) -> tuple[dict[str, float], None]:

@@ -39,6 +39,7 @@ from .neighbours import (
     neighbour_pairs,
     neighbourhoods,
     remove_duplicate_rows,
+    search_scale,
 )
 
 METHODS = ("tangent", "reference")
@@ -174,7 +175,11 @@ def curvature(
 
 
 def curvature_from_neighbourhoods(
-    nb: Neighbourhoods, method: str = "tangent", tangent_dim: int | None = None
+    nb: Neighbourhoods,
+    method: str = "tangent",
+    tangent_dim: int | None = None,
+    *,
+    local_dimensions: Tensor | None = None,
 ) -> CurvatureResult:
     """Compute the curvature from a finished neighbour search; see :func:`curvature` for the definitions.
 
@@ -182,6 +187,8 @@ def curvature_from_neighbourhoods(
         nb: the output of :func:`pmg_torch.neighbourhoods`, with ``nb.k >= 2``.
         method: ``"tangent"`` or ``"reference"``.
         tangent_dim: as in :func:`curvature`.
+        local_dimensions: ``(n,)`` the pointwise TLE estimates of ``nb`` (:func:`pmg_torch.dimension.tle_pointwise`)
+            when the caller has them, for the default tangent dimension; computed here when ``None``.
 
     Returns:
         :class:`CurvatureResult` in the dtype of ``nb.points`` on its device.
@@ -196,7 +203,7 @@ def curvature_from_neighbourhoods(
     k = _check_k(nb.k)
     method = check_choice(method, "method", METHODS)
     tangent_dim = _check_tangent_dim(tangent_dim, method, k, nb.points.shape[1])
-    return _curvature(nb, method, tangent_dim, None)
+    return _curvature(nb, method, tangent_dim, None, local_dimensions)
 
 
 def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor, local_dimensions: Tensor | None = None) -> int:
@@ -220,19 +227,27 @@ def default_tangent_dim(nb: Neighbourhoods, eigenvalues: Tensor, local_dimension
     return max(1, min(rounded, nb.k - 1, max(dim - 1, 1), median_rank))
 
 
-def _curvature(nb: Neighbourhoods, method: str, tangent_dim: int | None, chunk_size: int | None) -> CurvatureResult:
+def _curvature(
+    nb: Neighbourhoods,
+    method: str,
+    tangent_dim: int | None,
+    chunk_size: int | None,
+    local_dimensions: Tensor | None = None,
+) -> CurvatureResult:
     try:
         if method == "reference":
             local = _reference_local_curvature(nb, chunk_size)
         else:
-            local = _tangent_local_curvature(nb, tangent_dim, chunk_size)
+            local = _tangent_local_curvature(nb, tangent_dim, chunk_size, local_dimensions)
     except torch.linalg.LinAlgError as error:
         raise DegenerateInputError(f"a neighbourhood's decomposition failed ({error})") from error
     dtype = nb.points.dtype
     return CurvatureResult(local.mean().to(dtype), local.to(dtype))
 
 
-def _tangent_local_curvature(nb: Neighbourhoods, tangent_dim: int | None, chunk_size: int | None) -> Tensor:
+def _tangent_local_curvature(
+    nb: Neighbourhoods, tangent_dim: int | None, chunk_size: int | None, local_dimensions: Tensor | None
+) -> Tensor:
     """Mean principal angle between each point's tangent space and its neighbours', ``(n,)`` in float64.
 
     Each unordered pair of neighbours is measured once, because the angles between ``T_i`` and ``T_j`` do not
@@ -241,10 +256,14 @@ def _tangent_local_curvature(nb: Neighbourhoods, tangent_dim: int | None, chunk_
     residuals in ``R^D``. Other input builds every tangent basis in ``R^D`` and takes the angles from cosines when
     their rounding stays within the tolerance, from residuals otherwise.
     """
-    offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size)
+    # Angles do not change with scale, so the lengths are taken in the search's units, which neither overflow nor
+    # underflow at any magnitude of the data.
+    offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size, scaled=True)
     eigenvalues, eigenvectors = _neighbourhood_spectra(offset_grams)
     if tangent_dim is None:
-        tangent_dim = default_tangent_dim(nb, eigenvalues, tle_pointwise(nb, offset_grams=offset_grams))
+        if local_dimensions is None:
+            local_dimensions = tle_pointwise(nb, offset_grams=offset_grams)
+        tangent_dim = default_tangent_dim(nb, eigenvalues, local_dimensions)
     left_vectors = eigenvectors[:, :, :tangent_dim]
     pairs, slots = neighbour_pairs(nb.indices)
     points = nb.points.to(torch.float64)
@@ -308,10 +327,11 @@ def _tangent_bases(points: Tensor, indices: Tensor, left_vectors: Tensor, chunk_
 
 
 def _cloud_gram(nb: Neighbourhoods) -> Tensor:
-    """The float64 Gram matrix ``X_c X_c^T`` of the centred cloud: the search's own when it formed one."""
-    if nb.gram is not None and nb.gram_scale is not None:
-        return nb.gram * nb.gram_scale.square()
-    centred = nb.points.to(torch.float64)
+    """The float64 Gram matrix of the centred cloud divided by :func:`~pmg_torch.neighbours.search_scale`: the
+    search's own when it formed one."""
+    if nb.gram is not None:
+        return nb.gram
+    centred = nb.points.to(torch.float64) / search_scale(nb)
     centred = centred - centred.mean(dim=0)
     return centred @ centred.T
 
@@ -466,10 +486,14 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
     n, dim = points.shape
     k = indices.shape[1]
     column_bases = None
+    scale = torch.ones((), dtype=torch.float64, device=points.device)
     if k <= dim:
-        offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size)
+        # Norms in the search's units, so that neither they nor their products overflow or underflow; the scale
+        # is put back in the ratio, where the result stays in [0, 1] after the clip.
+        offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size, scaled=True)
         traces = torch.diagonal(offset_grams, dim1=1, dim2=2).sum(dim=1)
         norms = (traces - offset_grams.sum(dim=(1, 2)) / k).clamp_min_(0).sqrt_()
+        scale = search_scale(nb)
     else:
         norms = torch.empty(n, dtype=torch.float64, device=points.device)
         column_bases = torch.empty((n, k, dim), dtype=torch.float64, device=points.device)
@@ -487,7 +511,7 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
         else:
             cross = torch.einsum("cad,ckae->ckde", column_bases[start:stop], column_bases[neighbour_indices])
             overlap = torch.linalg.svdvals(cross).sum(dim=-1)
-        ratio = overlap / (norms[start:stop, None] * norms[neighbour_indices])
+        ratio = overlap / (norms[start:stop, None] * norms[neighbour_indices]) / scale.square()
         local[start:stop] = torch.arccos(ratio.clamp(-1, 1)).mean(dim=1)
     return local
 

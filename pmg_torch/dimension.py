@@ -19,11 +19,12 @@ from ._validation import (
     check_positive_int,
     drop_nonfinite_rows,
     nan_scalar,
+    power_of_two_scale,
     warn_degenerate,
     warn_dropped_rows,
     working_dtype,
 )
-from .neighbours import Neighbourhoods, neighbour_offset_grams, neighbourhoods
+from .neighbours import Neighbourhoods, neighbour_offset_grams, neighbourhoods, search_scale
 
 METHODS = ("tle", "mle", "twonn", "pr")
 KNN_METHODS = ("tle", "mle", "twonn")
@@ -106,7 +107,9 @@ def intrinsic_dimension(x: Tensor, method: str = "tle", k: int = 20) -> Tensor:
     return dimension
 
 
-def intrinsic_dimension_from_neighbourhoods(nb: Neighbourhoods, method: str = "tle") -> Tensor:
+def intrinsic_dimension_from_neighbourhoods(
+    nb: Neighbourhoods, method: str = "tle", *, local_dimensions: Tensor | None = None
+) -> Tensor:
     """Estimate the intrinsic dimension from a finished neighbour search; see :func:`intrinsic_dimension`.
 
     ``"tle"`` and ``"mle"`` use all ``nb.k`` neighbours and ``"twonn"`` the first two, so one search serves every
@@ -123,6 +126,8 @@ def intrinsic_dimension_from_neighbourhoods(nb: Neighbourhoods, method: str = "t
     Args:
         nb: the output of :func:`pmg_torch.neighbourhoods`.
         method: ``"tle"``, ``"mle"`` or ``"twonn"``.
+        local_dimensions: ``(n,)`` for ``"tle"``, the pointwise estimates :func:`tle_pointwise` of ``nb`` when the
+            caller has them (curvature's default tangent dimension uses the same ones); computed here when ``None``.
 
     Returns:
         0-d tensor in the dtype of ``nb.points`` on its device.
@@ -138,7 +143,7 @@ def intrinsic_dimension_from_neighbourhoods(nb: Neighbourhoods, method: str = "t
     method = check_choice(method, "method", KNN_METHODS)
     _check_knn_k(nb.k, method)
     if method == "tle":
-        dimension = tle_pointwise(nb).mean()
+        dimension = (tle_pointwise(nb) if local_dimensions is None else local_dimensions).mean()
     elif method == "mle":
         dimension = _mle(nb.distances)
     else:
@@ -214,30 +219,33 @@ def tle_pointwise(nb: Neighbourhoods, epsilon: float = TLE_EPSILON, *, offset_gr
     Args:
         nb: the output of :func:`pmg_torch.neighbourhoods`.
         epsilon: the relative threshold below which measurements and distances are dropped.
-        offset_grams: ``(n, k, k)`` float64 offset Gram matrices of ``nb`` when the caller already has them.
+        offset_grams: ``(n, k, k)`` float64 offset Gram matrices of ``nb`` when the caller already has them, in
+            the units of ``neighbour_offset_grams(nb, scaled=True)``, so that no length overflows or underflows.
 
     Returns:
         ``(n,)`` float64 tensor on the device of ``nb.points``.
     """
     n, k = nb.indices.shape
     chunk = max(1, TLE_BLOCK_PAIRS // (k * k))
+    scale = search_scale(nb)
     estimates = torch.empty(n, dtype=torch.float64, device=nb.points.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         if offset_grams is None:
-            grams = neighbour_offset_grams(nb, rows=(start, stop))
+            grams = neighbour_offset_grams(nb, rows=(start, stop), scaled=True)
         else:
             grams = offset_grams[start:stop]
-        estimates[start:stop] = _tle_block(grams, epsilon, nb.points, nb.indices, start)
+        estimates[start:stop] = _tle_block(grams, epsilon, nb.points, nb.indices, start, scale)
     return estimates
 
 
-def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, start: int) -> Tensor:
+def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, start: int, scale: Tensor) -> Tensor:
     """TLE for a block of points, from the ``(c, k, k)`` Gram matrices of each point's neighbour offsets.
 
-    ``points`` and ``indices`` are the whole cloud's, and the block starts at point ``start``; close pairs are
-    recomputed from them. Lengths are taken in units of each point's radius ``r``, so measurements are compared
-    with ``epsilon`` directly, and each kept pair needs one logarithm, of ``s t / r^2``.
+    ``grams`` hold the offsets divided by ``scale``. ``points`` and ``indices`` are the whole cloud's, and the
+    block starts at point ``start``; close pairs are recomputed from them. Lengths are taken in units of each
+    point's radius ``r``, so measurements are compared with ``epsilon`` directly, and each kept pair needs one
+    logarithm, of ``s t / r^2``.
     """
     k = grams.shape[1]
     squared_radius = torch.diagonal(grams, dim1=1, dim2=2).amax(dim=1)
@@ -255,7 +263,7 @@ def _tle_block(grams: Tensor, epsilon: float, points: Tensor, indices: Tensor, s
     close = v_squared < CLOSE_PAIR_FRACTION
     close.diagonal(dim1=1, dim2=2).fill_(False)
     if bool(close.any()):
-        _recompute_close_pairs(close, points, indices, start, squared_radius, v_squared, a_direct)
+        _recompute_close_pairs(close, points / scale, indices, start, squared_radius, v_squared, a_direct)
     room = (1 - r_i_squared).clamp_min_(0)
     s = _tle_measurement(v_squared, a_direct, room)
     t = _tle_measurement(z_squared, a_reflected, room)
@@ -340,7 +348,9 @@ def _participation_ratio(finite: Tensor, n_nonfinite: int) -> Tensor:
     if m < 2:
         dropped = f" ({n_nonfinite} rows with NaN or infinity left out)" if n_nonfinite else ""
         raise DegenerateInputError(f"{m} finite rows{dropped}; a covariance needs at least 2")
-    gram = centred_gram(finite)
+    # The ratio does not change with scale, and rows divided by a power of two near their largest entry give a Gram
+    # matrix that neither overflows nor underflows.
+    gram = centred_gram(finite / power_of_two_scale(finite))
     trace = torch.diagonal(gram).sum()
     if trace == 0:
         raise DegenerateInputError(f"all {m} rows are identical, so the covariance is zero")

@@ -268,8 +268,23 @@ def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neigh
     return Neighbourhoods(points, distances, indices, n_duplicates, n_nonfinite)
 
 
+def search_scale(nb: Neighbourhoods) -> Tensor:
+    """Return a power of two near the largest ``|x|`` of ``nb.points``, 0-d float64: the search's own when it kept one.
+
+    Rows divided by it have entries below 2 in magnitude, so their squared lengths neither overflow nor underflow
+    float64 for any finite input, and the division changes no bits at ordinary magnitudes.
+    """
+    if nb.gram_scale is not None:
+        return nb.gram_scale
+    return power_of_two_scale(nb.points).to(torch.float64)
+
+
 def neighbour_offset_grams(
-    nb: Neighbourhoods, *, chunk_size: int | None = None, rows: tuple[int, int] | None = None
+    nb: Neighbourhoods,
+    *,
+    chunk_size: int | None = None,
+    rows: tuple[int, int] | None = None,
+    scaled: bool = False,
 ) -> Tensor:
     """Return the Gram matrix of each point's neighbour offsets, ``(n, k, k)`` in float64.
 
@@ -289,6 +304,8 @@ def neighbour_offset_grams(
             :data:`OFFSET_BLOCK_ENTRIES`.
         rows: ``(start, stop)`` to compute the matrices of points ``start:stop`` only, so that a caller working
             in blocks needs no ``(n, k, k)`` tensor; all points by default.
+        scaled: return the matrices of the rows divided by :func:`search_scale`, which neither overflow nor
+            underflow whatever the magnitude of the data. Metrics that do not change with scale use these.
 
     Returns:
         ``(stop - start, k, k)`` float64 tensor on the device of ``nb.points``.
@@ -299,31 +316,32 @@ def neighbour_offset_grams(
     first, last = (0, points.shape[0]) if rows is None else rows
     if chunk_size is None:
         chunk_size = max(1, OFFSET_BLOCK_ENTRIES // (k * dim))
-    if nb.gram is not None and nb.gram_scale is not None:
-        grams, redo = _offset_grams_from_gram(nb.gram, nb.gram_scale, nb.indices[first:last], first, dim)
+    scale = search_scale(nb)
+    if nb.gram is not None:
+        grams, redo = _offset_grams_from_gram(nb.gram, nb.indices[first:last], first, dim)
         for start in range(0, redo.numel(), chunk_size):
             block = redo[start : start + chunk_size]
-            grams[block] = _direct_offset_grams(points, nb.indices, block + first)
-        return grams
-    grams = torch.empty((last - first, k, k), dtype=torch.float64, device=points.device)
-    for start in range(first, last, chunk_size):
-        stop = min(start + chunk_size, last)
-        positions = torch.arange(start, stop, device=points.device)
-        grams[start - first : stop - first] = _direct_offset_grams(points, nb.indices, positions)
-    return grams
+            grams[block] = _direct_offset_grams(points, nb.indices, block + first, scale)
+    else:
+        grams = torch.empty((last - first, k, k), dtype=torch.float64, device=points.device)
+        for start in range(first, last, chunk_size):
+            stop = min(start + chunk_size, last)
+            positions = torch.arange(start, stop, device=points.device)
+            grams[start - first : stop - first] = _direct_offset_grams(points, nb.indices, positions, scale)
+    return grams if scaled else grams.mul_(scale.square())
 
 
-def _direct_offset_grams(points: Tensor, indices: Tensor, positions: Tensor) -> Tensor:
-    """``(c, k, k)`` offset Gram matrices of the points at ``positions``, from the offsets themselves, in float64."""
+def _direct_offset_grams(points: Tensor, indices: Tensor, positions: Tensor, scale: Tensor) -> Tensor:
+    """``(c, k, k)`` offset Gram matrices of the points at ``positions`` divided by ``scale``, from the offsets."""
     offsets = points[indices[positions]].to(torch.float64)
     offsets -= points[positions, None, :].to(torch.float64)
+    offsets /= scale
     return torch.bmm(offsets, offsets.transpose(1, 2))
 
 
-def _offset_grams_from_gram(
-    gram: Tensor, scale: Tensor, indices: Tensor, first: int, dim: int
-) -> tuple[Tensor, Tensor]:
-    """Offset Gram matrices of points ``first:first + c`` from the cloud's Gram matrix, and the points to redo.
+def _offset_grams_from_gram(gram: Tensor, indices: Tensor, first: int, dim: int) -> tuple[Tensor, Tensor]:
+    """Offset Gram matrices of points ``first:first + c`` from the cloud's Gram matrix, in its units, and the points
+    to redo.
 
     ``O_ab = G_ab - G_qa - G_qb + G_qq``, gathered with ``k^2 + k + 1`` entries of ``G`` per point. Each of the four
     terms is rounded by at most about ``D eps max |x|^2`` over the point and its neighbours (centred rows), and a
@@ -350,7 +368,7 @@ def _offset_grams_from_gram(
     between.diagonal(dim1=1, dim2=2).fill_(math.inf)
     shortest = torch.minimum(between.amin(dim=(1, 2)), squared_distances.amin(dim=1))
     redo = (16 * dim * _EPSILON * largest > GRAM_TOLERANCE * shortest).nonzero().squeeze(1)
-    return grams.mul_(scale.square()), redo
+    return grams, redo
 
 
 def neighbour_pairs(indices: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from ._validation import (
     DegenerateInputError,
     check_cloud,
     drop_nonfinite_rows,
+    power_of_two_scale,
     warn_degenerate,
     warn_dropped_rows,
     working_dtype,
@@ -139,7 +140,8 @@ def principal_axes(x: Tensor, name: str = "the cloud") -> PrincipalAxes:
 
     Rows with NaN or infinity are left out. The eigenvectors come from the smaller Gram matrix of the centred data
     ``Z`` in float64: ``Z^T Z`` (``D x D``) when ``m >= D``, else ``Z Z^T`` (``m x m``), whose eigenvectors ``u_i``
-    give ``v_i = Z^T u_i / sigma_i``. This is cheaper than an SVD of ``Z``.
+    give ``v_i = Z^T u_i / sigma_i``. This is cheaper than an SVD of ``Z``. The cloud is first divided by the power
+    of two that brings its largest entry into ``[1, 2)``, so finite clouds of any magnitude give the same axes.
 
     An eigenvalue counts towards the rank when it exceeds ``lambda_max`` times a relative tolerance, the larger of
     two terms. ``(max(m, D) * eps)**2``, with ``eps`` of the working dtype, is numpy's ``matrix_rank`` rule applied
@@ -154,7 +156,10 @@ def principal_axes(x: Tensor, name: str = "the cloud") -> PrincipalAxes:
         left_out = f" ({n_nonfinite} rows with NaN or infinity left out)" if n_nonfinite else ""
         rows = "1 finite row" if n_points == 1 else f"{n_points} finite rows"
         raise DegenerateInputError(f"{name} has {rows}{left_out}; a covariance needs at least 2")
+    # The axes do not depend on the scale of the cloud, but its Gram matrix overflows float64 for entries beyond
+    # about 1e154 and underflows to zero below 1e-154. Dividing by a power of two is exact and avoids both.
     centred = points.to(torch.float64)
+    centred = centred / power_of_two_scale(centred)
     centred = centred - centred.mean(dim=0, keepdim=True)
     by_features = n_points >= n_features
     gram = centred.T @ centred if by_features else centred @ centred.T

@@ -14,6 +14,7 @@ from ._validation import (
     check_positive_float,
     check_positive_int,
     drop_nonfinite_rows,
+    power_of_two_scale,
     warn_dropped_rows,
     working_dtype,
 )
@@ -62,7 +63,8 @@ def holes(x: Tensor, threshold: float = 0.1, max_points: int | None = MAX_RIPSER
     change the H1 diagram. When more than ``max_points`` distinct rows remain, a seeded uniform subsample of
     ``max_points`` rows is used, because ripser's time and memory grow roughly with the cube of the point count (see
     :data:`MAX_RIPSER_POINTS`). The distances are computed in float64 in torch on the device of ``x``, but ripser
-    rounds them to float32, so births and deaths carry float32 precision.
+    rounds them to float32, so births and deaths carry float32 precision. The points are divided by a power of two
+    before ripser and the diagram is multiplied back, so clouds of any finite magnitude keep their holes.
 
     No bar above the threshold is a valid result, and every figure is then 0. Fewer than 3 distinct finite points
     cannot enclose a hole, so they also give zeros.
@@ -131,12 +133,20 @@ def _subsample(points: Tensor, n: int, seed: int) -> Tensor:
 
 
 def _h1_diagram(points: Tensor) -> np.ndarray:
+    """Return the H1 diagram of ``points`` in their own units, whatever their magnitude."""
+    # Squared differences overflow float64 beyond about 1e154, and ripser rounds distances to float32, which represents
+    # magnitudes from about 1e-38 to 3e38 only. Dividing the points by a power of two s is exact and brings their
+    # largest entry into [1, 2), so every distance is below 4 sqrt(D). Only distances under about 1e-38 times the
+    # largest entry still lose precision in float32. Multiplying the diagram by s is exact wherever it stays finite.
     points = points.to(torch.float64)
+    scale = power_of_two_scale(points)
+    points = points / scale
     distances = torch.cdist(points, points, compute_mode="donot_use_mm_for_euclid_dist")
     # ripser switches to its sparse code path when any diagonal entry is non-zero, so make the zeros exact.
     distances.fill_diagonal_(0.0)
     result = ripser(distances.cpu().numpy(), maxdim=1, distance_matrix=True)
-    return np.asarray(result["dgms"][1], dtype=np.float64).reshape(-1, 2)
+    diagram = np.asarray(result["dgms"][1], dtype=np.float64).reshape(-1, 2)
+    return diagram * float(scale)
 
 
 def _no_holes(diagram: np.ndarray) -> HolesResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import warnings
@@ -207,6 +208,28 @@ def test_knn_search_runs_once_per_class(clouds, monkeypatch):
     monkeypatch.setattr(analysis, "neighbourhoods", counting)
     analyze(clouds, k=K, metrics=["curvature", "intrinsic_dimension"])
     assert sorted(calls) == [40, 50, 60, 70]
+
+
+def test_pointwise_tle_runs_once_per_class_for_curvature_and_dimension(clouds, monkeypatch):
+    # The package exports functions named like these modules, so the modules are looked up by name.
+    curvature_module = importlib.import_module("pmg_torch.curvature")
+    dimension_module = importlib.import_module("pmg_torch.dimension")
+    calls = []
+    original = dimension_module.tle_pointwise
+
+    def counting(nb, *args, **kwargs):
+        calls.append(nb.points.shape[0])
+        return original(nb, *args, **kwargs)
+
+    for module in (analysis, curvature_module, dimension_module):
+        monkeypatch.setattr(module, "tle_pointwise", counting)
+    report = analyze(clouds, k=K, metrics=["curvature", "intrinsic_dimension"])
+
+    assert sorted(calls) == [40, 50, 60, 70]
+    for label, cloud in clouds.items():
+        assert report.values["curvature"][label] == pytest.approx(float(curvature(cloud, k=K).overall), rel=1e-12)
+        expected = float(intrinsic_dimension(cloud, "tle", k=K))
+        assert report.values["intrinsic_dimension"][label] == pytest.approx(expected, rel=1e-12)
 
 
 def test_holes_metrics_share_one_ripser_run(clouds, monkeypatch):

@@ -106,7 +106,7 @@ def test_tle_pointwise_equals_skdim_with_near_duplicate_neighbours():
 def test_tle_pointwise_accepts_precomputed_offset_grams():
     nb = neighbourhoods(torch.from_numpy(benchmark_manifold("M7_Roll")), 12)
 
-    shared = tle_pointwise(nb, offset_grams=neighbour_offset_grams(nb))
+    shared = tle_pointwise(nb, offset_grams=neighbour_offset_grams(nb, scaled=True))
 
     torch.testing.assert_close(shared, tle_pointwise(nb), rtol=0, atol=0)
 

@@ -208,7 +208,7 @@ def test_points_with_near_duplicate_neighbours_take_their_offsets_from_the_rows(
     nb = neighbourhoods(points, 8)
     assert nb.gram is not None and nb.gram_scale is not None
 
-    _, redo = neighbours_module._offset_grams_from_gram(nb.gram, nb.gram_scale, nb.indices, 0, 6)
+    _, redo = neighbours_module._offset_grams_from_gram(nb.gram, nb.indices, 0, 6)
 
     rows = points.numpy()
     twins = {i for i in range(90) for j in range(90) if i != j and np.abs(rows[i] - rows[j]).max() < 1e-6}
@@ -216,8 +216,27 @@ def test_points_with_near_duplicate_neighbours_take_their_offsets_from_the_rows(
     assert near_twins and near_twins <= set(redo.tolist())
     spread = neighbourhoods(torch.from_numpy(base), 8)
     assert spread.gram is not None and spread.gram_scale is not None
-    _, none = neighbours_module._offset_grams_from_gram(spread.gram, spread.gram_scale, spread.indices, 0, 6)
+    _, none = neighbours_module._offset_grams_from_gram(spread.gram, spread.indices, 0, 6)
     assert none.numel() == 0
+
+
+@pytest.mark.parametrize("magnitude", [1e-200, 1.0, 1e200])
+def test_scaled_offset_grams_stay_finite_at_any_magnitude(magnitude):
+    unit = torch.randn(50, 5, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    reference = neighbourhoods(unit, 6)
+    nb = neighbourhoods(unit * magnitude, 6)
+
+    scaled = neighbour_offset_grams(nb, scaled=True)
+
+    # Both clouds are divided by a power of two near their largest entry, so the scaled matrices agree up to the
+    # rounding of the multiplication by the magnitude.
+    relative_scale = neighbours_module.search_scale(nb) / (neighbours_module.search_scale(reference) * magnitude)
+    torch.testing.assert_close(
+        scaled * relative_scale**2, neighbour_offset_grams(reference, scaled=True), rtol=1e-12, atol=1e-14
+    )
+    if magnitude == 1.0:
+        unscaled = neighbour_offset_grams(nb)
+        torch.testing.assert_close(scaled * neighbours_module.search_scale(nb) ** 2, unscaled, rtol=0, atol=0)
 
 
 def test_clouds_above_the_gram_limit_use_the_chunked_search(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -194,3 +195,34 @@ def test_low_precision_input_agrees_with_float64(dtype: torch.dtype) -> None:
     value = shape_similarity(x.to(dtype), y.to(dtype))
     assert value.dtype == torch.float32
     assert float(value) == pytest.approx(float(shape_similarity(x, y)), abs=2e-2)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300])
+@pytest.mark.parametrize("m", [200, 3], ids=["more_rows_than_features", "fewer_rows_than_features"])
+def test_extreme_scale_changes_nothing(scale: float, m: int) -> None:
+    # The Gram matrix of entries near 1e200 overflows float64, and that of entries near 1e-200 underflows to 0.
+    x = anisotropic_cloud(m, seed=48)
+    y = anisotropic_cloud(m, seed=49) @ plane_rotation(4, 0.4).T
+    reference = float(shape_similarity(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = shape_similarity(x * scale, y * scale)
+    assert float(value) == pytest.approx(reference, abs=1e-12)
+
+
+@pytest.mark.parametrize("exponent", [600, -600, 1])
+@pytest.mark.parametrize("m", [200, 3], ids=["more_rows_than_features", "fewer_rows_than_features"])
+def test_power_of_two_scale_gives_identical_axes(exponent: int, m: int) -> None:
+    # Scaling by a power of two is exact, so the axes are the same bits as for the unscaled cloud.
+    x = anisotropic_cloud(m, seed=50)
+    assert torch.equal(principal_axes(x * 2.0**exponent).axes, principal_axes(x).axes)
+
+
+def test_matrix_at_extreme_scales_matches_unscaled() -> None:
+    clouds = {label: anisotropic_cloud(60, seed=51 + label) * 10.0 ** (250 * (label - 1)) for label in range(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        matrix = shape_similarity_matrix(clouds)
+    torch.testing.assert_close(torch.diagonal(matrix), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    unscaled = shape_similarity_matrix([anisotropic_cloud(60, seed=51 + label) for label in range(3)])
+    torch.testing.assert_close(matrix, unscaled, rtol=0, atol=1e-12)

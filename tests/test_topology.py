@@ -215,3 +215,36 @@ def test_bad_cloud_raises() -> None:
         holes(np.zeros((5, 2)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
         holes(torch.zeros(5))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300])
+def test_circle_at_extreme_scale_keeps_its_hole(scale: float) -> None:
+    # Distances near 1e200 overflow float32, and distances near 1e-200 round to 0 in it.
+    points = circle(40)
+    reference = holes(torch.tensor(points), threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = holes(torch.tensor(points) * scale, threshold=0.5 * scale)
+    assert result.count == reference.count == 1
+    assert result.total_persistence / scale == pytest.approx(reference.total_persistence, rel=1e-6)
+    assert result.mean_persistence / scale == pytest.approx(reference.mean_persistence, rel=1e-6)
+    assert result.density == pytest.approx(reference.density, rel=1e-6)
+    np.testing.assert_allclose(result.diagram / scale, reference.diagram, rtol=1e-6)
+
+
+@pytest.mark.parametrize("exponent", [600, -600])
+def test_power_of_two_scales_diagram_exactly(exponent: int) -> None:
+    points = torch.tensor(noisy_circle(60, noise=0.05, seed=11))
+    scale = 2.0**exponent
+    result = holes(points * scale, threshold=0.1 * scale)
+    reference = holes(points, threshold=0.1)
+    np.testing.assert_array_equal(result.diagram, reference.diagram * scale)
+    assert result.count == reference.count == 1
+
+
+def test_extreme_threshold_uses_data_units() -> None:
+    scale = 1e200
+    persistence = holes(torch.tensor(circle(40))).total_persistence
+    points = torch.tensor(circle(40)) * scale
+    assert holes(points, threshold=0.99 * persistence * scale).count == 1
+    assert holes(points, threshold=1.01 * persistence * scale).count == 0

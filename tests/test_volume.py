@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import warnings
 
+import mpmath
 import numpy as np
 import pytest
 import torch
 
 from pmg_torch import DegenerateInputWarning, volume
+from pmg_torch.volume import MIN_CHOLESKY_BITS
 
 
 def closed_form_volume(points: np.ndarray, d: float = 1.0) -> float:
@@ -17,6 +19,23 @@ def closed_form_volume(points: np.ndarray, d: float = 1.0) -> float:
     centred = points.astype(np.float64) - points.astype(np.float64).mean(axis=0)
     singular_values = np.linalg.svd(centred, compute_uv=False)
     return 0.5 * float(np.sum(np.log2(1 + d * singular_values**2 / len(points))))
+
+
+def scaled_reference_volume(points: np.ndarray, scale: float, d: float = 1.0) -> float:
+    """The closed form for the cloud ``points * scale`` of generic (Gaussian) points, summed in 50-digit mpmath.
+
+    numpy's singular values of the unscaled centred points give ``sigma_i``, and each term
+    ``log2(1 + d scale^2 sigma_i^2 / m)`` is evaluated with mpmath's ``log1p``, whose exponent range has no limit.
+    Centred generic points have rank ``min(m - 1, D)`` exactly, so only that many singular values count. The others
+    are rounding remainders near 1e-16 sigma_max, which at a large ``d scale^2`` would add bits that are not there.
+    """
+    m, dim = points.shape
+    centred = points - points.mean(axis=0)
+    singular_values = np.linalg.svd(centred, compute_uv=False)[: min(m - 1, dim)]
+    with mpmath.workdps(50):
+        coefficient = mpmath.mpf(d) * mpmath.mpf(scale) ** 2 / len(points)
+        bits = sum(mpmath.log1p(coefficient * mpmath.mpf(float(sigma)) ** 2) for sigma in singular_values)
+        return float(bits / (2 * mpmath.log(2)))
 
 
 def determinant_volume(points: np.ndarray, d: float = 1.0) -> float:
@@ -175,3 +194,77 @@ def test_half_precision_input_agrees_with_float32(dtype):
     assert float(result.volume) == pytest.approx(float(volume(low.float()).volume), rel=1e-6)
     # Rounding each coordinate to 11 or 8 bits changes each singular value by far less than 0.1%.
     assert float(result.volume) == pytest.approx(float(volume(points).volume), rel=1e-3)
+
+
+@pytest.mark.parametrize(("m", "dim"), [(40, 6), (6, 40)], ids=["m>D", "m<D"])
+@pytest.mark.parametrize(
+    ("scale", "d"),
+    [(1e200, 1.0), (1e200, 1e-300), (1e300, 1.0), (1e-200, 1e300), (1e-300, 1e300)],
+    ids=["1e200", "1e200-small-d", "1e300", "1e-200-large-d", "1e-300-large-d"],
+)
+def test_volume_at_extreme_scale_matches_mpmath(m, dim, scale, d):
+    points = np.random.default_rng(9).normal(size=(m, dim))
+    scaled = torch.from_numpy(points) * scale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = volume(scaled, d=d)
+
+    # The reference uses the unscaled singular values, so it also absorbs the rounding of points * scale.
+    expected = scaled_reference_volume(points, scale, d)
+    assert expected > 0.0
+    assert float(result.volume) == pytest.approx(expected, rel=1e-12, abs=0)
+    assert float(result.density) == pytest.approx(expected / m, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize(("exponent", "d"), [(520, 2.0**20), (-520, 2.0**-20)])
+def test_scale_moved_into_d_keeps_volume(exponent, d):
+    # volume(s x, d / s^2) = volume(x, d). With s = 2^520 the Gram matrix of s x overflows float64, and with
+    # s = 2^-520 it is subnormal. d is chosen so that d / s^2 is still a normal float64.
+    points = torch.randn(50, 7, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    scaled = volume(points * 2.0**exponent, d=math.ldexp(d, -2 * exponent))
+
+    assert float(scaled.volume) == pytest.approx(float(volume(points, d=d).volume), rel=1e-14, abs=0)
+
+
+def test_overflowing_cloud_has_finite_volume():
+    # The Gram matrix of entries near 1e300 is infinite, and so is d sigma^2 / m. Each term is then log(1 + e^t).
+    points = torch.randn(20, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 1e300
+
+    result = volume(points)
+
+    assert torch.isfinite(result.volume)
+    assert float(result.volume) == pytest.approx(
+        scaled_reference_volume(points.numpy() / 1e300, 1e300), rel=1e-12, abs=0
+    )
+
+
+def test_extreme_identical_rows_give_zero():
+    for scale in (1e300, 1e-300):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = volume(torch.full((6, 3), scale, dtype=torch.float64))
+
+        assert float(result.volume) == 0.0
+
+
+@pytest.mark.parametrize("d", [1e-6, 1e-12, 1e-100])
+def test_small_volume_keeps_its_digits(d):
+    # Below MIN_CHOLESKY_BITS every Cholesky diagonal entry is within about 1e-4 of 1, and its rounding would cost
+    # digits. A cloud of 60 points in 5 dimensions has volume near 3.6 d bits.
+    points = np.random.default_rng(12).normal(size=(60, 5))
+
+    result = float(volume(torch.from_numpy(points), d=d).volume)
+
+    assert result < MIN_CHOLESKY_BITS
+    assert result == pytest.approx(scaled_reference_volume(points, 1.0, d), rel=1e-13, abs=0)
+
+
+def test_rank_deficient_large_d_ignores_noise():
+    # 8 points in 50 dimensions span 7 directions. At d = 1e40 the rounding remainder of the eighth eigenvalue of
+    # the 8 x 8 Gram matrix, if counted, adds about 41 bits to the 475 of the other seven.
+    points = np.random.default_rng(13).normal(size=(8, 50))
+
+    result = float(volume(torch.from_numpy(points), d=1e40).volume)
+
+    assert result == pytest.approx(scaled_reference_volume(points, 1.0, 1e40), rel=1e-12, abs=0)
