@@ -171,6 +171,9 @@ def _as_float64_cloud(data: Any, name: str) -> Tensor:
         if data.is_complex() or data.dtype == torch.bool:
             raise TypeError(f"Expected `{name}` to contain real numbers, got dtype {data.dtype}.")
         return check_cloud(data.detach().to(torch.float64), name)
+    if data is None:
+        # numpy would read None as a 0-d NaN and report only the shape.
+        raise TypeError(f"Expected `{name}` to be an (m, D) array of numbers, got NoneType.")
     try:
         array = np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError) as error:

@@ -63,11 +63,6 @@ def as_float(value: Any) -> float:
     return float(value)
 
 
-def owner_gap(reason: str) -> Any:
-    """Mark a case that fails because of a known defect in a module this test does not own."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # -- bad arguments ----------------------------------------------------------------------------------------------------
 
 
@@ -160,9 +155,7 @@ def wrong_type_cases() -> list[Any]:
         # The compatibility functions take nested lists of numbers, as numpy does.
         if name not in COMPAT_NAMES:
             cases.append(pytest.param(name, [[1.0, 2.0]] * 3, id=f"{name}-list"))
-        gap = "compat.py _as_float64_cloud: np.asarray turns None into a 0-d array, reported as a shape error"
-        marks = [owner_gap(gap)] if name in COMPAT_NAMES else []
-        cases.append(pytest.param(name, None, id=f"{name}-None", marks=marks))
+        cases.append(pytest.param(name, None, id=f"{name}-None"))
     return cases
 
 
@@ -376,13 +369,9 @@ def scale_id(dtype: torch.dtype, scale: float) -> str:
     return f"{str(dtype).removeprefix('torch.')}-{scale:g}"
 
 
-def extreme_scale_cases(gaps: dict[tuple[torch.dtype, float], str]) -> list[Any]:
-    """One case per extreme scale, marked as a known gap where ``gaps`` names one."""
-    cases = []
-    for dtype, scale in EXTREME_SCALES:
-        marks = [owner_gap(gaps[dtype, scale])] if (dtype, scale) in gaps else []
-        cases.append(pytest.param(dtype, scale, id=scale_id(dtype, scale), marks=marks))
-    return cases
+def extreme_scale_cases() -> list[Any]:
+    """One case per extreme scale."""
+    return [pytest.param(dtype, scale, id=scale_id(dtype, scale)) for dtype, scale in EXTREME_SCALES]
 
 
 def scale_free_cases() -> list[Any]:
@@ -410,7 +399,7 @@ def reference_volume(x: np.ndarray) -> float:
     return float(0.5 * log_terms.sum() / math.log(2))
 
 
-@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases({}))
+@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases())
 def test_volume_at_extreme_magnitudes_matches_closed_form(dtype: torch.dtype, scale: float) -> None:
     x = BASE.to(dtype) * scale
     value, messages = call_with_warnings(lambda: float(pmg.volume(x).volume))
@@ -425,7 +414,7 @@ def unit_circle(n: int = 40) -> Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=1)
 
 
-@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases({}))
+@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases())
 def test_circle_keeps_its_hole_at_extreme_magnitudes(dtype: torch.dtype, scale: float) -> None:
     circle = (unit_circle() * scale).to(dtype)
     result, messages = call_with_warnings(lambda: pmg.holes(circle, threshold=0.5 * scale))
@@ -436,7 +425,7 @@ def test_circle_keeps_its_hole_at_extreme_magnitudes(dtype: torch.dtype, scale: 
     )
 
 
-@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases({}))
+@pytest.mark.parametrize(("dtype", "scale"), extreme_scale_cases())
 def test_analyze_never_raises_at_extreme_magnitudes(dtype: torch.dtype, scale: float) -> None:
     clouds = {0: BASE.to(dtype) * scale, 1: OTHER.to(dtype) * scale}
     report, messages = call_with_warnings(lambda: pmg.analyze(clouds, k=K, metrics="all", n_projections=3))
