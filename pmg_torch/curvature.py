@@ -37,6 +37,7 @@ from .neighbours import (
     Neighbourhoods,
     neighbour_offset_grams,
     neighbour_pairs,
+    neighbourhood_spreads,
     neighbourhoods,
     remove_duplicate_rows,
     search_scale,
@@ -475,8 +476,8 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
     """Mean over neighbours of the published code's angle, ``(n,)``; see :func:`curvature`.
 
     ``|S_i|_2`` is the Frobenius norm of ``M_i``. When ``k <= D`` only these norms are needed, and
-    ``|M_i|_F^2 = tr(O) - 1^T O 1 / k`` with ``O`` the point's offset Gram matrix (centring on the neighbours' mean
-    removes the point), so no ``(k, D)`` neighbourhood is formed. For ``k > D`` the thin ``U_i`` (``k x D``) spans
+    :func:`~pmg_torch.neighbours.neighbourhood_spreads` gives them without forming any ``(k, D)`` neighbourhood.
+    For ``k > D`` the thin ``U_i`` (``k x D``) spans
     the column space of ``M_i``, so an orthonormal basis from QR gives the same singular values of ``U_i^T U_j``
     without an SVD. If a neighbourhood has rank below ``D``, the SVD's extra columns of ``U_i`` are an arbitrary
     completion, so the published formula itself is not well defined there, and neither is this one.
@@ -490,9 +491,7 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
     if k <= dim:
         # Norms in the search's units, so that neither they nor their products overflow or underflow; the scale
         # is put back in the ratio, where the result stays in [0, 1] after the clip.
-        offset_grams = neighbour_offset_grams(nb, chunk_size=chunk_size, scaled=True)
-        traces = torch.diagonal(offset_grams, dim1=1, dim2=2).sum(dim=1)
-        norms = (traces - offset_grams.sum(dim=(1, 2)) / k).clamp_min_(0).sqrt_()
+        norms = neighbourhood_spreads(nb, scaled=True).sqrt_()
         scale = search_scale(nb)
     else:
         norms = torch.empty(n, dtype=torch.float64, device=points.device)

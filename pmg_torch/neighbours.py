@@ -331,6 +331,42 @@ def neighbour_offset_grams(
     return grams if scaled else grams.mul_(scale.square())
 
 
+def neighbourhood_spreads(nb: Neighbourhoods, *, scaled: bool = False) -> Tensor:
+    """Return ``|M_i|_F^2``, the sum of squared distances of each point's neighbours from their own mean, ``(n,)``.
+
+    It equals ``sum_a |x_a|^2 - |sum_a x_a|^2 / k`` over the ``k`` neighbours, which the cloud's Gram matrix gives
+    from ``k^2 + k`` of its entries, with no ``(k, D)`` neighbourhood formed. The subtraction loses digits when the
+    neighbours lie far from the cloud's mean compared with their spread, so points whose rounding bound exceeds
+    :data:`GRAM_TOLERANCE` of the result, and clouds without a Gram matrix, take it from the offset Gram matrices.
+
+    Args:
+        nb: the output of :func:`neighbourhoods`.
+        scaled: return it for the rows divided by :func:`search_scale`, as :func:`neighbour_offset_grams` does.
+
+    Returns:
+        ``(n,)`` float64 tensor on the device of ``nb.points``.
+    """
+    scale = search_scale(nb)
+    n, k = nb.indices.shape
+    if nb.gram is None:
+        offset_grams = neighbour_offset_grams(nb, scaled=True)
+        spreads = torch.diagonal(offset_grams, dim1=1, dim2=2).sum(dim=1) - offset_grams.sum(dim=(1, 2)) / k
+    else:
+        gram = nb.gram
+        index_dtype = torch.int32 if n * n < 2**31 else torch.long
+        columns = nb.indices.to(index_dtype)
+        flat = (columns * n)[:, :, None] + columns[:, None, :]
+        totals = gram.view(-1).index_select(0, flat.view(-1)).view(n, k * k).sum(dim=1)
+        squared_norms = gram.diagonal()[nb.indices].sum(dim=1)
+        spreads = squared_norms - totals / k
+        redo = (2 * nb.points.shape[1] * _EPSILON * squared_norms > GRAM_TOLERANCE * spreads).nonzero().squeeze(1)
+        if redo.numel() > 0:
+            offset_grams = _direct_offset_grams(nb.points, nb.indices, redo, scale)
+            spreads[redo] = torch.diagonal(offset_grams, dim1=1, dim2=2).sum(dim=1) - offset_grams.sum(dim=(1, 2)) / k
+    spreads = spreads.clamp_min_(0)
+    return spreads if scaled else spreads.mul_(scale.square())
+
+
 def _direct_offset_grams(points: Tensor, indices: Tensor, positions: Tensor, scale: Tensor) -> Tensor:
     """``(c, k, k)`` offset Gram matrices of the points at ``positions`` divided by ``scale``, from the offsets."""
     offsets = points[indices[positions]].to(torch.float64)

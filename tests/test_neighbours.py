@@ -239,6 +239,26 @@ def test_scaled_offset_grams_stay_finite_at_any_magnitude(magnitude):
         torch.testing.assert_close(scaled * neighbours_module.search_scale(nb) ** 2, unscaled, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("gram_limit", [4096, 10])
+def test_neighbourhood_spreads_equal_per_point_numpy_loop(offset, gram_limit, monkeypatch):
+    # Two clusters 2e5 apart with spreads near 1: the Gram matrix's form cancels about ten digits, so their points
+    # must be recomputed from their offsets. A limit of 10 rows sends the cloud to the chunked search, without a Gram.
+    monkeypatch.setattr(neighbours_module, "GRAM_MAX_POINTS", gram_limit)
+    points = torch.randn(150, 24, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    points[:75] += offset
+    points[75:] -= offset
+    nb = neighbourhoods(points, 9)
+    rows = nb.points.numpy()
+    expected = [((rows[nb.indices[i]] - rows[nb.indices[i]].mean(axis=0)) ** 2).sum() for i in range(150)]
+
+    spreads = neighbours_module.neighbourhood_spreads(nb)
+
+    np.testing.assert_allclose(spreads.numpy(), expected, rtol=1e-10)
+    scaled = neighbours_module.neighbourhood_spreads(nb, scaled=True)
+    torch.testing.assert_close(scaled * neighbours_module.search_scale(nb) ** 2, spreads, rtol=0, atol=0)
+
+
 def test_clouds_above_the_gram_limit_use_the_chunked_search(monkeypatch):
     points = torch.randn(200, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     gram_route = neighbourhoods(points, 7)
