@@ -127,6 +127,16 @@ def test_remove_duplicate_rows_returns_distinct_input_unchanged():
     torch.testing.assert_close(distinct, points, rtol=0, atol=0)
 
 
+def test_rows_with_equal_sums_are_compared_whole():
+    # Equal row sums send the rows to the exact comparison, which keeps distinct rows and removes true repeats.
+    points = torch.tensor([[1.0, 2.0], [2.0, 1.0], [0.0, 3.0], [1.0, 2.0], [5.0, 5.0]], dtype=torch.float64)
+
+    distinct, n_removed = remove_duplicate_rows(points)
+
+    assert n_removed == 1
+    torch.testing.assert_close(distinct, points[[0, 1, 2, 4]], rtol=0, atol=0)
+
+
 def test_neighbourhoods_drop_nonfinite_rows_then_duplicates():
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(30, 4, generator=generator, dtype=torch.float64)
