@@ -127,9 +127,10 @@ def test_remove_duplicate_rows_returns_distinct_input_unchanged():
     torch.testing.assert_close(distinct, points, rtol=0, atol=0)
 
 
-def test_rows_with_equal_sums_are_compared_whole():
-    # Equal row sums send the rows to the exact comparison, which keeps distinct rows and removes true repeats.
-    points = torch.tensor([[1.0, 2.0], [2.0, 1.0], [0.0, 3.0], [1.0, 2.0], [5.0, 5.0]], dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_rows_that_differ_in_order_or_in_the_sign_of_zero_are_compared_whole(dtype):
+    # Permuted entries give equal sums of bits and must still be kept; -0.0 equals 0.0, so that row is a repeat.
+    points = torch.tensor([[1.0, 2.0], [2.0, 1.0], [0.0, 3.0], [-0.0, 3.0], [5.0, 5.0]], dtype=dtype)
 
     distinct, n_removed = remove_duplicate_rows(points)
 
