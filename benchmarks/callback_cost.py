@@ -1,13 +1,15 @@
 """Measure what the Lightning callback adds to a validation epoch, and the memory that capture and kNN use.
 
-Validation is timed with ``trainer.validate`` in up to four variants:
+Validation is timed with ``trainer.validate`` in up to five variants:
 
-* no callback;
-* capture alone, which is the hook and the reservoir without any analysis;
+* no callback and no logger, the baseline of capture;
+* capture alone, which is the hooks and the reservoir without any analysis, with no logger;
+* no callback and a TensorBoard logger, the baseline of the variants that run the metrics;
 * capture and the per-epoch metrics;
 * capture, the per-epoch metrics and the expensive ones that a ``trainer.validate`` call adds (holes, nonconvexity).
 
-The variants are interleaved repeat by repeat, so that a change in the machine's load affects all of them alike.
+The variants are interleaved repeat by repeat, in alternating order, so that a change in the machine's load affects
+all of them alike.
 
 Peak memory is measured in subprocesses from the kernel's peak resident set size, because torch keeps no
 statistics for its CPU allocator and ``tracemalloc`` does not see tensor storage.
@@ -16,9 +18,11 @@ statistics for its CPU allocator and ``tracemalloc`` does not see tensor storage
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import logging
+import math
 import statistics
 import subprocess
 import sys
@@ -51,11 +55,16 @@ CAPTURE_OVERHEAD_TARGET = 0.03
 class CaptureOnlyCallback(ManifoldGeometryCallback):
     """The callback with its end-of-epoch work (gather, analysis, logging) left out, to time capture alone.
 
-    The hook it attached is still removed, by the next epoch's start or by the trainer's teardown.
+    At the end of the epoch it reads the stored rows and the accuracy counts, as the full callback does first, so
+    that work the captures leave until then (counting queued predictions) is timed too. The hooks it attached are
+    removed by the next epoch's start or by the trainer's teardown.
     """
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        return None
+        if self._capture is not None:
+            _ = self._capture.embeddings
+        if self._accuracy is not None:
+            _ = self._accuracy.accuracy.correct, self._accuracy.accuracy.total
 
 
 class SyntheticClassifier(pl.LightningModule):
@@ -136,10 +145,26 @@ def synthetic_workload(n_rows: int, embedding_dim: int, max_per_class: int) -> W
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running validation: the callbacks a fresh trainer gets, and how many timed runs it needs."""
+    """One way of running validation: the callbacks a fresh trainer gets, its logger, and its baseline.
+
+    ``repeats`` is the least number of timed runs; with ``extend_short_runs`` a short run is repeated more often,
+    as :func:`time_validation` describes. ``baseline`` names the variant without the callback that this one is
+    compared with, which has the same logger, and is ``None`` for the baselines themselves.
+    """
 
     make_callbacks: Callable[[], list[pl.Callback]]
     repeats: int
+    tensorboard: bool
+    baseline: str | None
+    extend_short_runs: bool = False
+
+
+#: Baseline of the capture variant: no callback and no logger, because capture logs nothing and a logger's file
+#: writes would only add noise to both sides.
+WITHOUT = "without"
+
+#: Baseline of the variants that run the metrics, which write to TensorBoard: no callback, a TensorBoard logger.
+WITHOUT_TENSORBOARD = "without, TensorBoard logger"
 
 
 def _variants(workload: Workload, repeats: int, compute_repeats: int) -> dict[str, Variant]:
@@ -147,70 +172,122 @@ def _variants(workload: Workload, repeats: int, compute_repeats: int) -> dict[st
     suffice for them."""
     settings: dict[str, Any] = {"k": workload.k, "max_per_class": workload.max_per_class}
     variants = {
-        "without": Variant(lambda: [], repeats),
-        "capture": Variant(lambda: [CaptureOnlyCallback(**settings)], repeats),
+        WITHOUT: Variant(lambda: [], repeats, tensorboard=False, baseline=None, extend_short_runs=True),
+        "capture": Variant(
+            lambda: [CaptureOnlyCallback(**settings)],
+            repeats,
+            tensorboard=False,
+            baseline=WITHOUT,
+            extend_short_runs=True,
+        ),
+        WITHOUT_TENSORBOARD: Variant(lambda: [], compute_repeats, tensorboard=True, baseline=None),
         "capture + metrics": Variant(
-            lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)], compute_repeats
+            lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)],
+            compute_repeats,
+            tensorboard=True,
+            baseline=WITHOUT_TENSORBOARD,
         ),
     }
     if workload.with_expensive:
         variants["capture + metrics + holes, nonconvexity"] = Variant(
-            lambda: [ManifoldGeometryCallback(**settings)], compute_repeats
+            lambda: [ManifoldGeometryCallback(**settings)],
+            compute_repeats,
+            tensorboard=True,
+            baseline=WITHOUT_TENSORBOARD,
         )
     return variants
 
 
 def time_validation(
-    workload: Workload, device: torch.device, repeats: int, compute_repeats: int, log_dir: str
-) -> dict[str, tuple[float, int]]:
-    """Return the median ``trainer.validate`` time of each variant and its number of timed runs.
+    workload: Workload,
+    device: torch.device,
+    repeats: int,
+    compute_repeats: int,
+    log_dir: str,
+    min_seconds: float = 0.0,
+) -> dict[str, list[float]]:
+    """Return the ``trainer.validate`` times of each variant, one per timed run, in run order.
 
-    Every variant first runs once untimed, as a warm-up.
+    Every variant first runs once untimed, as a warm-up. The variants then run in turn, in reverse order on every
+    other round, so that a drift in the machine's load affects all of them alike. The variants without the metrics
+    run more than ``repeats`` times when their warm-up was short, until their timed runs add up to about
+    ``min_seconds``. A 30 ms validation varies by several percent from run to run, more than the 3 % being measured.
     """
     variants = _variants(workload, repeats, compute_repeats)
+    warmup = {name: _time_one(workload, device, variant, log_dir) for name, variant in variants.items()}
+    planned = {name: variant.repeats for name, variant in variants.items()}
+    short = [name for name, variant in variants.items() if variant.extend_short_runs]
+    if short:
+        # One count for all of them, so that each run of one has a run of the others next to it.
+        count = max(planned[short[0]], math.ceil(min_seconds / min(warmup[name] for name in short)))
+        planned.update(dict.fromkeys(short, count))
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(max(repeats, compute_repeats) + 1):
-        for name, variant in variants.items():
-            if repeat > variant.repeats:
-                continue
-            trainer = pl.Trainer(
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=1,
-                callbacks=variant.make_callbacks(),
-                logger=TensorBoardLogger(log_dir, name="callback_cost"),
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            trainer.validate(workload.model, datamodule=workload.datamodule, verbose=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if repeat > 0:
-                times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), len(values)) for name, values in times.items()}
+    for round_index in range(max(planned.values())):
+        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            if round_index < planned[name]:
+                times[name].append(_time_one(workload, device, variants[name], log_dir))
+    return times
+
+
+def _time_one(workload: Workload, device: torch.device, variant: Variant, log_dir: str) -> float:
+    """Return the time of one ``trainer.validate`` call on a fresh trainer with the variant's callbacks."""
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        callbacks=variant.make_callbacks(),
+        logger=TensorBoardLogger(log_dir, name="callback_cost") if variant.tensorboard else False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    # Garbage left by the previous run would otherwise be collected during this one.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    trainer.validate(workload.model, datamodule=workload.datamodule, verbose=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def callback_rows(
-    workloads: Sequence[Workload], device: torch.device, repeats: int, compute_repeats: int
+    workloads: Sequence[Workload],
+    device: torch.device,
+    repeats: int,
+    compute_repeats: int,
+    min_seconds: float | None = None,
 ) -> tuple[list[Row], list[Target]]:
-    """Time each workload's validation with and without the callback; rows compare each variant to no callback."""
+    """Time each workload's validation with and without the callback; rows compare each variant to its baseline.
+
+    ``min_seconds`` is passed to :func:`time_validation`; ``None`` means one second per repeat.
+
+    The capture overhead is the ratio of the medians minus one. The note also gives the median of the ratios of
+    runs made next to each other, which a slow drift in the machine's load affects less.
+    """
     rows: list[Row] = []
     targets: list[Target] = []
     with tempfile.TemporaryDirectory() as log_dir, _quiet_lightning():
         for workload in workloads:
-            medians = time_validation(workload, device, repeats, compute_repeats, log_dir)
-            baseline, baseline_runs = medians.pop("without")
-            for variant, (seconds, runs) in medians.items():
+            seconds_per_variant = float(repeats) if min_seconds is None else min_seconds
+            times = time_validation(workload, device, repeats, compute_repeats, log_dir, seconds_per_variant)
+            variants = _variants(workload, repeats, compute_repeats)
+            for name, variant in variants.items():
+                if variant.baseline is None:
+                    continue
+                baseline_times, variant_times = times[variant.baseline], times[name]
+                baseline, seconds = statistics.median(baseline_times), statistics.median(variant_times)
                 overhead = seconds / baseline - 1.0
-                note = (
-                    f"trainer.validate without / with, medians of {baseline_runs} / {runs} runs; "
-                    f"overhead {overhead:+.1%}"
+                paired = statistics.median(
+                    ours / reference for ours, reference in zip(variant_times, baseline_times, strict=False)
                 )
-                rows.append(Row(f"callback: {variant}, {workload.name}", baseline, seconds, note=note))
-                if variant == "capture":
+                note = (
+                    f"trainer.validate {variant.baseline} / with, medians of {len(baseline_times)} / "
+                    f"{len(variant_times)} runs; overhead {overhead:+.1%}, median of paired ratios {paired - 1:+.1%}"
+                )
+                rows.append(Row(f"callback: {name}, {workload.name}", baseline, seconds, note=note))
+                if name == "capture":
                     targets.append(
                         Target(
                             f"capture overhead, {workload.name}",

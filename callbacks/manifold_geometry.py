@@ -283,7 +283,9 @@ class ManifoldGeometryCallback(CallbackBase):
         if self._capture is None or self._capture.error is not None:
             return
         try:
-            labels = self._labels_from_batch(batch)
+            # Both captures need the labels on the host (the sampling draws, the label range check), so they cross
+            # there once per batch, here.
+            labels = self._labels_from_batch(batch).detach().cpu()
             keep = self._padding_mask(trainer, dataloader_idx, labels.shape[0])
             self._capture.set_labels(labels, keep=keep)
             if self._accuracy is not None and self._accuracy.error is None:

@@ -35,6 +35,9 @@ __all__ = [
 #: classes the rank correlation can only be -1 or +1, which carries no information about a trend.
 MIN_CLASSES_FOR_SPEARMAN = 3
 
+#: Batches that :class:`ClassAccuracy` queues before counting them, which bounds the queued predictions' memory.
+PENDING_BATCHES = 64
+
 #: Tag component of per-class accuracy, ``<prefix>/accuracy/<class>``.
 ACCURACY_TAG = "accuracy"
 
@@ -57,8 +60,18 @@ class ClassAccuracy:
     """
 
     def __init__(self) -> None:
-        self._correct: dict[int, int] = {}
-        self._total: dict[int, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every count."""
+        # Counts per label, on the host.
+        self._correct_counts = np.zeros(0, dtype=np.int64)
+        self._total_counts = np.zeros(0, dtype=np.int64)
+        # Batches not counted yet: predictions on the device of the logits, and host labels with -1 for samples
+        # left out. Counting them together costs a few operations per PENDING_BATCHES batches, not per batch.
+        self._pending_predictions: list[Tensor] = []
+        self._pending_labels: list[np.ndarray] = []
+        self._n_columns = 0
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor | Sequence[int]) -> None:
@@ -76,37 +89,53 @@ class ClassAccuracy:
         if problem is not None:
             error_type, message = problem
             raise error_type(message)
-        self._count(logits.detach().argmax(dim=1).cpu(), torch.as_tensor(labels).detach().to("cpu", torch.long))
+        self._add(logits.detach(), torch.as_tensor(labels).detach().to("cpu", torch.long).numpy())
 
-    def _count(self, predictions: Tensor, labels: Tensor) -> None:
-        """Add CPU ``predictions`` and ``labels`` of one batch; the labels are known to be non-negative."""
-        if labels.numel() == 0:
+    def _add(self, logits: Tensor, labels: np.ndarray) -> None:
+        """Queue one batch whose host ``labels`` lie in ``[0, C)``, or are -1 for samples not to count."""
+        self._pending_predictions.append(logits.argmax(dim=1))
+        self._pending_labels.append(labels)
+        self._n_columns = max(self._n_columns, logits.shape[1])
+        if len(self._pending_labels) >= PENDING_BATCHES:
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        if not self._pending_labels:
             return
-        n_bins = int(labels.max()) + 1
-        totals = torch.bincount(labels, minlength=n_bins)
-        correct = torch.bincount(labels[predictions == labels], minlength=n_bins)
-        for label in torch.nonzero(totals).flatten().tolist():
-            self._total[label] = self._total.get(label, 0) + int(totals[label])
-            self._correct[label] = self._correct.get(label, 0) + int(correct[label])
+        # One transfer of the queued predictions to the host.
+        predictions = torch.cat(self._pending_predictions).cpu().numpy()
+        labels = np.concatenate(self._pending_labels)
+        self._pending_predictions, self._pending_labels = [], []
+        counted = labels >= 0
+        predictions, labels = predictions[counted], labels[counted]
+        size = max(self._n_columns, self._total_counts.size)
+        self._total_counts = _padded(self._total_counts, size) + np.bincount(labels, minlength=size)
+        hits = np.bincount(labels[predictions == labels], minlength=size)
+        self._correct_counts = _padded(self._correct_counts, size) + hits
 
     @property
     def correct(self) -> dict[int, int]:
-        """Correct predictions per class label, sorted by label."""
-        return {label: self._correct[label] for label in sorted(self._correct)}
+        """Correct predictions per class label seen, sorted by label."""
+        self._count_pending()
+        return {label: int(self._correct_counts[label]) for label in self.total}
 
     @property
     def total(self) -> dict[int, int]:
         """Samples seen per class label, sorted by label."""
-        return {label: self._total[label] for label in sorted(self._total)}
+        self._count_pending()
+        return {int(label): int(self._total_counts[label]) for label in np.flatnonzero(self._total_counts)}
 
     def compute(self) -> dict[int, float]:
         """Return ``correct / total`` per class label seen, sorted by label."""
-        return {label: self._correct[label] / total for label, total in self.total.items()}
+        correct = self.correct
+        return {label: correct[label] / total for label, total in self.total.items()}
 
-    def reset(self) -> None:
-        """Forget every count."""
-        self._correct = {}
-        self._total = {}
+
+def _padded(counts: np.ndarray, size: int) -> np.ndarray:
+    """Return ``counts`` followed by zeros up to ``size`` entries."""
+    if counts.size >= size:
+        return counts
+    return np.concatenate([counts, np.zeros(size - counts.size, dtype=np.int64)])
 
 
 def _logits_problem(logits: Any, labels: Any) -> tuple[type[Exception], str] | None:
@@ -122,12 +151,21 @@ def _logits_problem(logits: Any, labels: Any) -> tuple[type[Exception], str] | N
             f"Expected logits of shape (B, C) and labels of shape (B,), got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}."
         )
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+    if labels.numel() and not _labels_below(labels, logits.shape[1]):
         return ValueError, (
             f"Expected labels in [0, {logits.shape[1]}) for logits with {logits.shape[1]} columns, got labels from "
             f"{int(labels.min())} to {int(labels.max())}."
         )
     return None
+
+
+def _labels_below(labels: Tensor, n_columns: int) -> bool:
+    """Return whether every label lies in ``[0, n_columns)``, with one host sync for labels on an accelerator."""
+    if labels.device.type == "cpu":
+        # Viewed as unsigned, a negative label is huge, so one maximum checks both ends of the range.
+        return bool(labels.to(torch.long).numpy().view(np.uint64).max() < n_columns)
+    lowest, highest = torch.stack(torch.aminmax(labels)).tolist()
+    return bool(lowest >= 0 and highest < n_columns)
 
 
 class AccuracyCapture:
@@ -260,10 +298,10 @@ class AccuracyCapture:
             error_type, message = problem
             self.stop(error_type(f"The output of layer {self.layer_name!r} cannot serve as logits. {message}"))
             return
-        predictions, labels = logits.argmax(dim=1).cpu(), labels.to("cpu", torch.long)
+        host_labels = labels.to("cpu", torch.long).numpy()
         if keep is not None:
-            predictions, labels = predictions[keep], labels[keep]
-        self.accuracy._count(predictions, labels)
+            host_labels = np.where(keep.numpy(), host_labels, -1)
+        self.accuracy._add(logits.detach(), host_labels)
 
 
 def spearman_correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:

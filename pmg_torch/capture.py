@@ -9,10 +9,11 @@ its label. Each class keeps at most ``max_per_class`` rows, chosen by reservoir 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -21,6 +22,14 @@ from ._validation import check_choice, check_positive_int
 
 #: Maximum number of layer names an error message lists before it summarises the rest as "and N more".
 MAX_LISTED_NAMES = 30
+
+#: Classes that share one storage tensor. A batch's rows go in with one indexed copy per block that it touches, and a
+#: new class or a fuller class grows only its own block.
+CLASSES_PER_BLOCK = 32
+
+#: Labels in ``[0, LABEL_TABLE_SIZE)`` are mapped to storage indices through a lookup table. Other labels, negative or
+#: larger, take a slower path through ``numpy.unique`` on every batch.
+LABEL_TABLE_SIZE = 1 << 16
 
 #: Values of the ``on_error`` argument of :class:`EmbeddingCapture`.
 ON_ERROR_CHOICES = ("raise", "stop")
@@ -44,10 +53,17 @@ class EmbeddingCapture:
     Sampling is Algorithm R per class: the first ``max_per_class`` rows of a class are kept, and the ``t``-th row
     after them (0-based count ``t`` of rows seen) replaces a uniformly chosen kept row with probability
     ``max_per_class / (t + 1)``. Every row seen is then kept with the same probability. A batch is processed with
-    one vectorised draw per class. When several rows of a batch pick the same slot, the last one wins, because the
-    row-by-row algorithm would overwrite the earlier ones. The draws come from a seeded CPU ``torch.Generator``,
-    and only the chosen rows are indexed on the hooked tensor's device. Rows therefore never leave that device, and
-    the same seed picks the same rows on CPU and GPU.
+    one vectorised draw for all its classes, by :func:`reservoir_update`. When several rows of a batch pick the same
+    slot, the last one wins, because the row-by-row algorithm would overwrite the earlier ones. The labels move to
+    the host once per batch, the draws come from a seeded NumPy generator there, and only the chosen rows are
+    indexed on the hooked tensor's device. Rows therefore never leave that device, and the same seed picks the same
+    rows on CPU and GPU.
+
+    Rows are stored in blocks of :data:`CLASSES_PER_BLOCK` classes, one float32 tensor of shape
+    ``(classes, capacity, D)`` per block, so a batch is written with one indexed copy per block it touches. A
+    block's capacity is at least the largest row count of its classes: it doubles as they fill, and jumps to
+    ``max_per_class`` once it would pass a quarter of that. A block therefore reserves room that classes smaller
+    than ``max_per_class`` never use, but never more than ``max_per_class`` rows per class.
 
     NOTE: a module that runs more than once per forward, such as a shared block, fires the hook each time. The
     second call finds no labels and fails, so choose a layer that runs once per forward.
@@ -107,10 +123,8 @@ class EmbeddingCapture:
         self._handle: RemovableHandle | None = None
         self._pending_labels: Tensor | None = None
         self._pending_keep: Tensor | None = None
-        self._rows: dict[int, Tensor] = {}
-        self._n_seen: dict[int, int] = {}
         self._width: int | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self.reset()
 
     # -- hook life cycle -------------------------------------------------------------------------------------------
 
@@ -191,23 +205,40 @@ class EmbeddingCapture:
 
     def reset(self) -> None:
         """Forget every stored row and count, and restart the sampling generator. The hook stays as it is."""
-        self._rows = {}
-        self._n_seen = {}
         self._width = None
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._class_of_label: dict[int, int] = {}
+        self._labels: list[int] = []
+        # Storage index of each label below LABEL_TABLE_SIZE that has been seen, -1 for the others.
+        self._label_table = np.full(0, -1, dtype=np.int64)
+        self._n_seen_counts = np.zeros(0, dtype=np.int64)
+        self._blocks: list[Tensor] = []
+        # Created at the first draw, because seeding it costs more than a whole batch of a short validation run.
+        self._generator: np.random.Generator | None = None
+
+    def _uniforms(self, n: int) -> np.ndarray:
+        """Return ``n`` uniform float64 draws in ``[0, 1)`` from the seeded generator."""
+        if self._generator is None:
+            self._generator = np.random.Generator(np.random.PCG64(self.seed))
+        return self._generator.random(n)
 
     @property
     def embeddings(self) -> dict[int, Tensor]:
         """Stored rows per class label, sorted by label: ``(m_c, D)`` float32, detached, on the hooked device.
 
-        The tensors are the live buffers, which later forwards overwrite in place; clone them to keep a snapshot.
+        The tensors are views of the live buffers, which later forwards overwrite in place; clone them to keep a
+        snapshot.
         """
-        return {label: self._rows[label][: self._n_filled(label)] for label in sorted(self._rows)}
+        stored = {}
+        for label in sorted(self._class_of_label):
+            index = self._class_of_label[label]
+            block, row = divmod(index, CLASSES_PER_BLOCK)
+            stored[label] = self._blocks[block][row, : min(int(self._n_seen_counts[index]), self.max_per_class)]
+        return stored
 
     @property
     def n_seen(self) -> dict[int, int]:
         """Rows seen per class label since the last reset, before sampling, sorted by label."""
-        return {label: self._n_seen[label] for label in sorted(self._n_seen)}
+        return {label: int(self._n_seen_counts[self._class_of_label[label]]) for label in sorted(self._class_of_label)}
 
     # -- hooks -----------------------------------------------------------------------------------------------------
 
@@ -247,86 +278,178 @@ class EmbeddingCapture:
                 f"{self._width}; every batch must give the same number of features. Call reset() to start over."
             )
         self._width = rows.shape[1]
-        labels = labels.to("cpu", torch.long)
+        # The only transfer of the batch's labels to the host: the sampling decisions are made there.
+        host_labels = labels.to("cpu", torch.long).numpy()
+        positions = None
         if keep is not None:
-            rows, labels = rows[keep.to(rows.device)], labels[keep]
-        self._add_batch(rows, labels)
+            positions = np.flatnonzero(keep.numpy())
+            host_labels = host_labels[positions]
+        if host_labels.size:
+            self._add_batch(rows, host_labels, positions)
 
-    def _add_batch(self, rows: Tensor, labels: Tensor) -> None:
-        """File ``rows`` under ``labels`` (a CPU tensor), one reservoir update per class present."""
-        order = torch.argsort(labels, stable=True)
-        classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        for label, positions in zip(classes.tolist(), torch.split(order, counts.tolist()), strict=True):
-            self._add_class_rows(label, rows, positions)
+    def _add_batch(self, rows: Tensor, labels: np.ndarray, positions: np.ndarray | None) -> None:
+        """File ``rows[positions]`` (every row when ``positions`` is ``None``) under ``labels``, one per row."""
+        classes, batch_counts = self._storage_indices(labels)
+        sources, write_classes, slots = reservoir_update(
+            self._n_seen_counts, classes, self.max_per_class, self._uniforms
+        )
+        self._n_seen_counts += batch_counts
+        if sources.size == 0:
+            return
+        if positions is not None:
+            sources = positions[sources]
+        if len(self._labels) <= CLASSES_PER_BLOCK:
+            # The common case of at most CLASSES_PER_BLOCK classes: one block, one copy, no split of the writes.
+            self._fit_blocks(range(1), rows)
+            self._write_block(0, rows, sources, write_classes, slots)
+            return
+        blocks = write_classes // CLASSES_PER_BLOCK
+        touched = range(int(blocks[0]), int(blocks[-1]) + 1)
+        self._fit_blocks(touched, rows)
+        # Writes come sorted by class, so each block's writes are one contiguous run.
+        bounds = np.searchsorted(blocks, np.arange(touched.start, touched.stop + 1))
+        for block, start, stop in zip(touched, bounds[:-1], bounds[1:], strict=True):
+            if stop > start:
+                self._write_block(block, rows, sources[start:stop], write_classes[start:stop], slots[start:stop])
 
-    def _add_class_rows(self, label: int, rows: Tensor, positions: Tensor) -> None:
-        """Update the reservoir of ``label`` with ``rows[positions]``; ``positions`` are CPU indices in batch order."""
-        n_seen = self._n_seen.get(label, 0)
-        n_append, slots, sources = reservoir_update(n_seen, positions.numel(), self.max_per_class, self._generator)
-        self._n_seen[label] = n_seen + positions.numel()
-        if n_append:
-            # Indexing copies, so the buffer never keeps the activation (or its autograd graph) alive.
-            new_rows = rows[positions[:n_append].to(rows.device)].float()
-            stored = self._reserve(label, n_seen, n_seen + n_append, new_rows)
-            stored[n_seen : n_seen + n_append] = new_rows.to(stored.device)
-        if slots.numel():
-            # Slots are drawn only once the reservoir is full, so the buffer exists by now.
-            stored = self._rows[label]
-            chosen = rows[positions[sources].to(rows.device)].float()
-            stored[slots.to(stored.device)] = chosen.to(stored.device)
+    def _write_block(
+        self, block: int, rows: Tensor, sources: np.ndarray, classes: np.ndarray, slots: np.ndarray
+    ) -> None:
+        """Copy ``rows[sources]`` into slots ``slots`` of the storage classes ``classes`` of block ``block``."""
+        storage = self._blocks[block]
+        targets = (classes - block * CLASSES_PER_BLOCK) * storage.shape[1] + slots
+        every_row = sources.size == rows.shape[0]
+        if every_row:
+            # Every row of the batch is written once, as while the reservoirs fill, so the rows are copied in batch
+            # order without first gathering them.
+            in_batch_order = np.empty_like(targets)
+            in_batch_order[sources] = targets
+            targets = in_batch_order
+        # Assigning to the storage copies, so it never keeps the activation (or its autograd graph) alive.
+        if rows.device.type == "cpu" and rows.dtype == torch.float32 and storage.device.type == "cpu":
+            # NumPy copies whole rows where torch's CPU index_copy_ goes element by element, which was 2 to 3 times
+            # slower on 256 x 512 float32 batches (torch 2.13, numpy 2.4, a 2-core Xeon VM).
+            flat = storage.view(-1, storage.shape[2]).numpy()
+            flat[targets] = rows.numpy() if every_row else rows.numpy()[sources]
+            return
+        chosen = rows
+        if not every_row:
+            chosen = rows.index_select(0, torch.from_numpy(sources).to(rows.device))
+        chosen = chosen.to(storage.device, torch.float32)
+        storage.view(-1, storage.shape[2]).index_copy_(0, torch.from_numpy(targets).to(storage.device), chosen)
 
-    def _n_filled(self, label: int) -> int:
-        return min(self._n_seen.get(label, 0), self.max_per_class)
+    def _storage_indices(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the storage index of each label and the row count of each storage index in the batch.
 
-    def _reserve(self, label: int, n_filled: int, n_needed: int, like: Tensor) -> Tensor:
-        """Return the buffer of ``label`` with room for ``n_needed`` rows, of which the first ``n_filled`` are set.
-
-        The buffer doubles when it grows, up to ``max_per_class`` rows, so filling a class copies each row a
-        bounded number of times instead of once per batch, and memory never exceeds ``max_per_class`` rows.
+        Labels not seen before get the next free storage indices.
         """
-        stored = self._rows.get(label)
-        if stored is not None and stored.shape[0] >= n_needed:
-            return stored
-        previous = 0 if stored is None else stored.shape[0]
-        capacity = min(self.max_per_class, max(n_needed, 2 * previous))
-        device = like.device if stored is None else stored.device
-        grown = torch.empty((capacity, like.shape[1]), dtype=torch.float32, device=device)
-        if stored is not None:
-            grown[:n_filled] = stored[:n_filled]
-        self._rows[label] = grown
-        return grown
+        table = self._label_table
+        # Viewed as unsigned, a negative label is huge, so one maximum checks both ends of the table's range.
+        if labels.view(np.uint64).max() < table.size:
+            indices = table[labels]
+            try:
+                # An unseen label maps to -1, for which bincount raises.
+                return indices, np.bincount(indices, minlength=len(self._labels))
+            except ValueError:
+                pass
+        indices = self._register(labels)
+        return indices, np.bincount(indices, minlength=len(self._labels))
+
+    def _register(self, labels: np.ndarray) -> np.ndarray:
+        """Give storage indices to the labels not seen before and return the storage index of each label."""
+        table = self._label_table
+        present, inverse = np.unique(labels, return_inverse=True)
+        new = [label for label in present.tolist() if label not in self._class_of_label]
+        for label in new:
+            self._class_of_label[label] = len(self._labels)
+            self._labels.append(label)
+        self._n_seen_counts = np.concatenate([self._n_seen_counts, np.zeros(len(new), dtype=np.int64)])
+        in_range = [label for label in new if 0 <= label < LABEL_TABLE_SIZE]
+        if in_range:
+            if max(in_range) >= table.size:
+                table = np.concatenate([table, np.full(max(in_range) + 1 - table.size, -1, dtype=np.int64)])
+            table[in_range] = [self._class_of_label[label] for label in in_range]
+            self._label_table = table
+        present_indices = np.array([self._class_of_label[label] for label in present.tolist()], dtype=np.int64)
+        return present_indices[inverse.reshape(-1)]
+
+    def _fit_blocks(self, touched: range, like: Tensor) -> None:
+        """Grow the blocks in ``touched`` to hold all their classes and the rows those classes have filled.
+
+        A block's capacity at least doubles when it grows, so filling a class copies each row a bounded number of
+        times, and never exceeds ``max_per_class``.
+        """
+        n_classes = len(self._labels)
+        for block in touched:
+            first = block * CLASSES_PER_BLOCK
+            n_block_classes = min(CLASSES_PER_BLOCK, n_classes - first)
+            storage = self._blocks[block] if block < len(self._blocks) else None
+            if storage is not None and storage.shape[:2] == (n_block_classes, self.max_per_class):
+                continue
+            needed = min(int(self._n_seen_counts[first : first + n_block_classes].max()), self.max_per_class)
+            if storage is not None and storage.shape[0] == n_block_classes and storage.shape[1] >= needed:
+                continue
+            old_classes, old_capacity = (0, 0) if storage is None else tuple(storage.shape[:2])
+            capacity = old_capacity
+            if needed > old_capacity:
+                capacity = max(needed, 2 * old_capacity)
+                if 4 * capacity > self.max_per_class:
+                    # Past a quarter of max_per_class, grow straight to it. Growing keeps the old and the new tensor
+                    # at once, so the last growth then needs at most 1.25 times the final block, not nearly twice.
+                    capacity = self.max_per_class
+            device = like.device if storage is None else storage.device
+            grown = torch.empty((n_block_classes, capacity, like.shape[1]), dtype=torch.float32, device=device)
+            if storage is None:
+                self._blocks.append(grown)
+                continue
+            grown[:old_classes, :old_capacity] = storage
+            self._blocks[block] = grown
 
 
-def reservoir_update(n_seen: int, n_new: int, capacity: int, generator: torch.Generator) -> tuple[int, Tensor, Tensor]:
-    """Run Algorithm R on ``n_new`` rows arriving after ``n_seen``, for a reservoir of ``capacity`` rows.
+def reservoir_update(
+    n_seen: np.ndarray, classes: np.ndarray, capacity: int, uniforms: Callable[[int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run Algorithm R on one batch whose rows belong to several classes, each with a reservoir of ``capacity`` rows.
 
-    The first ``n_append`` new rows fill free slots. Each later new row, the ``t``-th overall (0-based), draws
-    ``j`` uniformly from ``0..t`` and goes to slot ``j`` when ``j < capacity``. When several rows pick one slot
-    the last of them is returned, because the row-by-row algorithm would overwrite the earlier ones.
+    Row ``i`` of the batch is row ``t_i`` (0-based) of its class ``c_i``, counting the ``n_seen[c_i]`` rows of earlier
+    batches and the rows of ``c_i`` before it in this batch. It goes to slot ``t_i`` while ``t_i < capacity``.
+    After that it draws ``j`` uniformly from ``0 .. t_i`` and goes to slot ``j`` when ``j < capacity``, so every row
+    offered stays with probability ``capacity / (rows offered)``. When several rows pick the same slot of a class,
+    only the last of them is returned, because the row-by-row algorithm would overwrite the earlier ones.
 
     Args:
-        n_seen: rows already offered to the reservoir.
-        n_new: rows offered now.
-        capacity: the reservoir's size.
-        generator: a CPU generator for the draws.
+        n_seen: ``(C,)`` int64, rows each class was offered before this batch. It is not changed.
+        classes: ``(B,)`` int64 class of each row, an index into ``n_seen``, in batch order.
+        capacity: the size of each reservoir.
+        uniforms: returns ``n`` uniform float64 draws in ``[0, 1)``, such as ``numpy.random.Generator.random``.
+            It is called once, for one draw per row of the batch, unless every row fills a free slot.
 
     Returns:
-        ``(n_append, slots, sources)``: rows ``0 .. n_append - 1`` are appended in order, then new row
-        ``sources[i]`` overwrites slot ``slots[i]``. ``slots`` and ``sources`` are CPU int64 tensors without
-        repeated slots.
+        ``(sources, write_classes, slots)``, int64 arrays sorted by class and then by slot: row ``sources[i]`` of the
+        batch goes to slot ``slots[i]`` of class ``write_classes[i]``. No ``(class, slot)`` pair repeats.
     """
-    n_append = max(0, min(n_new, capacity - n_seen))
-    n_drawn = n_new - n_append
-    if n_drawn == 0:
-        empty = torch.empty(0, dtype=torch.long)
-        return n_append, empty, empty
-    counts_so_far = torch.arange(n_seen + n_append + 1, n_seen + n_new + 1, dtype=torch.float64)
-    draws = torch.floor(torch.rand(n_drawn, generator=generator, dtype=torch.float64) * counts_so_far)
-    draws = torch.minimum(draws, counts_so_far - 1).long()
-    replacing = torch.nonzero(draws < capacity).flatten()
-    slots, slot_of_replacing = torch.unique(draws[replacing], return_inverse=True)
-    last_writer = torch.full_like(slots, -1).scatter_reduce_(0, slot_of_replacing, replacing, reduce="amax")
-    return n_append, slots, last_writer + n_append
+    n_rows = classes.size
+    order = np.argsort(classes, kind="stable")
+    sorted_classes = classes[order]
+    # A row's rank among the rows of its class in this batch: its sorted position minus that of its class's first row.
+    counts = n_seen[sorted_classes] + (np.arange(n_rows) - np.searchsorted(sorted_classes, sorted_classes))
+    if n_rows == 0 or counts.max() < capacity:
+        # Every row fills a free slot of its own, already in class and slot order, and no draw is needed.
+        return order, sorted_classes, counts
+    draws = np.floor(uniforms(n_rows) * (counts + 1)).astype(np.int64)
+    # Rounding of the float64 product could give counts + 1, one past the largest allowed draw.
+    np.minimum(draws, counts, out=draws)
+    slots = np.where(counts < capacity, counts, draws)
+    kept = np.flatnonzero(slots < capacity)
+    sources, write_classes, slots = order[kept], sorted_classes[kept], slots[kept]
+    keys = write_classes * capacity + slots
+    by_key = np.argsort(keys, kind="stable")
+    sorted_keys = keys[by_key]
+    # The stable sort keeps batch order among equal keys, so the last row of each run of equal keys is the one kept.
+    last = np.ones(sorted_keys.size, dtype=bool)
+    last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+    winners = by_key[last]
+    return sources[winners], write_classes[winners], slots[winners]
 
 
 def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module, bool]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from pmg_torch.accuracy import (
     MIN_CLASSES_FOR_SPEARMAN,
+    PENDING_BATCHES,
     AccuracyCapture,
     ClassAccuracy,
     accuracy_scalars,
@@ -60,6 +61,20 @@ def test_class_accuracy_matches_loop_over_batches():
     expected = reference_accuracy(logits.numpy(), labels.numpy())
     assert accuracy.compute() == pytest.approx(expected, abs=1e-12)
     assert accuracy.total == {label: int((labels == label).sum()) for label in range(4)}
+
+
+def test_class_accuracy_counts_queued_batches():
+    # More batches than ClassAccuracy queues, so the counts are folded while batches keep coming.
+    generator = torch.Generator().manual_seed(3)
+    n_batches = PENDING_BATCHES + 6
+    logits = torch.randn(n_batches * 5, 6, generator=generator)
+    labels = torch.randint(0, 6, (n_batches * 5,), generator=generator)
+    accuracy = ClassAccuracy()
+    for start in range(0, labels.numel(), 5):
+        accuracy.update(logits[start : start + 5], labels[start : start + 5])
+    expected = reference_accuracy(logits.numpy(), labels.numpy())
+    assert accuracy.compute() == pytest.approx(expected, abs=1e-12)
+    assert accuracy.total == {label: int((labels == label).sum()) for label in range(6)}
 
 
 def test_class_accuracy_counts_only_classes_seen():

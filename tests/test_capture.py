@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -69,49 +70,102 @@ def test_reservoir_sample_mean_is_uniform():
     assert len(set(kept.tolist())) == capacity
 
 
-@pytest.mark.parametrize(("batch_sizes", "capacity"), [((4,), 2), ((3, 5, 4), 5), ((1, 1, 6, 2), 3)])
-def test_reservoir_update_inclusion_is_uniform(batch_sizes, capacity):
-    n_rows = sum(batch_sizes)
+@pytest.mark.parametrize(
+    ("batch_labels", "capacity"),
+    [
+        (([0, 0, 0, 0],), 2),
+        (([0, 1, 0], [1, 1, 0, 0, 1], [0, 0, 1, 1]), 3),
+        (([1], [0], [1, 0, 0, 1, 1, 1], [0, 1]), 2),
+    ],
+)
+def test_reservoir_update_inclusion_is_uniform(batch_labels, capacity):
+    labels = np.concatenate([np.array(batch, dtype=np.int64) for batch in batch_labels])
     n_trials = 4000
-    generator = torch.Generator().manual_seed(5)
-    kept_count = torch.zeros(n_rows)
+    generator = np.random.Generator(np.random.PCG64(5))
+    kept_count = np.zeros(labels.size)
     for _ in range(n_trials):
-        reservoir: list[int] = []
-        n_seen = 0
-        for batch_size in batch_sizes:
-            n_append, slots, sources = reservoir_update(n_seen, batch_size, capacity, generator)
-            reservoir += [n_seen + i for i in range(n_append)]
-            for slot, source in zip(slots.tolist(), sources.tolist(), strict=True):
-                reservoir[slot] = n_seen + source
-            n_seen += batch_size
-        assert len(reservoir) == min(capacity, n_rows)
-        kept_count[reservoir] += 1
-    # Algorithm R keeps each row with probability capacity / n_rows; allow 4.5 standard errors.
-    probability = capacity / n_rows
-    tolerance = 4.5 * math.sqrt(probability * (1 - probability) / n_trials)
-    frequencies = kept_count / n_trials
-    assert torch.all((frequencies - probability).abs() < tolerance), frequencies
+        # Each reservoir slot contains the overall index of the row it keeps.
+        reservoirs: dict[int, list[int]] = {0: [], 1: []}
+        n_seen = np.zeros(2, dtype=np.int64)
+        offset = 0
+        for batch in batch_labels:
+            classes = np.array(batch, dtype=np.int64)
+            sources, write_classes, slots = reservoir_update(n_seen, classes, capacity, generator.random)
+            for source, label, slot in zip(sources.tolist(), write_classes.tolist(), slots.tolist(), strict=True):
+                reservoir = reservoirs[label]
+                if slot == len(reservoir):
+                    reservoir.append(offset + source)
+                else:
+                    reservoir[slot] = offset + source
+            n_seen += np.bincount(classes, minlength=2)
+            offset += classes.size
+        for label, reservoir in reservoirs.items():
+            assert len(reservoir) == min(capacity, int((labels == label).sum()))
+            kept_count[reservoir] += 1
+    # Algorithm R keeps each row of class c with probability capacity / n_c. Allow 4.5 standard errors.
+    for label in (0, 1):
+        of_class = labels == label
+        if not of_class.any():
+            continue
+        probability = min(1.0, capacity / of_class.sum())
+        tolerance = 4.5 * math.sqrt(probability * (1 - probability) / n_trials)
+        frequencies = kept_count[of_class] / n_trials
+        assert np.all(np.abs(frequencies - probability) <= tolerance), (label, frequencies)
+
+
+def test_many_classes_and_unusual_labels_stored_exactly():
+    # 70 classes fill three storage blocks, and -3 and 70000 are outside the label lookup table.
+    generator = torch.Generator().manual_seed(6)
+    label_values = torch.tensor([-3, 70_000, *range(68)])
+    labels = label_values[torch.randint(0, 70, (600,), generator=generator)]
+    rows = torch.randn(600, 3, generator=generator)
+    keep = torch.rand(600, generator=generator) < 0.9
+    model = _classifier(width=3)
+    with EmbeddingCapture(model, max_per_class=600) as capture:
+        for start in range(0, 600, 50):
+            capture.set_labels(labels[start : start + 50], keep=keep[start : start + 50])
+            model(rows[start : start + 50])
+    kept_labels, kept_rows = labels[keep], rows[keep]
+    expected_labels = sorted(set(kept_labels.tolist()))
+    assert list(capture.embeddings) == expected_labels
+    assert list(capture.n_seen) == expected_labels
+    for label, class_rows in capture.embeddings.items():
+        torch.testing.assert_close(class_rows, kept_rows[kept_labels == label], rtol=0, atol=0)
+        assert capture.n_seen[label] == int((kept_labels == label).sum())
 
 
 def test_reservoir_update_matches_algorithm_r():
-    n_seen, n_new, capacity = 3, 40, 5
-    n_append, slots, sources = reservoir_update(n_seen, n_new, capacity, torch.Generator().manual_seed(7))
-    # Row by row with the same uniform draws: row t (0-based overall) draws j in 0..t and overwrites slot j < capacity.
-    reservoir = [f"old{i}" for i in range(n_seen)]
-    reservoir += [f"new{i}" for i in range(capacity - n_seen)]
-    uniforms = torch.rand(n_new - (capacity - n_seen), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    for offset, uniform in enumerate(uniforms.tolist()):
-        row = capacity - n_seen + offset
-        j = math.floor(uniform * (n_seen + row + 1))
-        if j < capacity:
-            reservoir[j] = f"new{row}"
+    capacity = 5
+    n_seen = np.array([3, 0, 12], dtype=np.int64)
+    classes = np.random.Generator(np.random.PCG64(1)).integers(0, 3, size=60)
+    draws = np.random.Generator(np.random.PCG64(7)).random
+    sources, write_classes, slots = reservoir_update(n_seen, classes, capacity, draws)
 
-    vectorised = [f"old{i}" for i in range(n_seen)] + [f"new{i}" for i in range(n_append)]
-    for slot, source in zip(slots.tolist(), sources.tolist(), strict=True):
-        vectorised[slot] = f"new{source}"
-    assert n_append == capacity - n_seen
-    assert len(set(slots.tolist())) == slots.numel()
-    assert vectorised == reservoir
+    # Row by row with the same uniform draws, which go to the rows in order of class and then of batch position.
+    # Row t of a class (0-based overall) fills slot t while t < capacity, else draws j in 0..t and overwrites j.
+    uniforms = np.random.Generator(np.random.PCG64(7)).random(classes.size).tolist()
+    reservoirs = {label: [f"old{label}.{i}" for i in range(min(int(n_seen[label]), capacity))] for label in range(3)}
+    seen = n_seen.tolist()
+    for row in np.argsort(classes, kind="stable").tolist():
+        label = int(classes[row])
+        uniform = uniforms.pop(0)
+        t = seen[label]
+        seen[label] += 1
+        if t < capacity:
+            reservoirs[label].append(f"new{row}")
+        elif (j := math.floor(uniform * (t + 1))) < capacity:
+            reservoirs[label][j] = f"new{row}"
+
+    vectorised = {label: [f"old{label}.{i}" for i in range(min(int(n_seen[label]), capacity))] for label in range(3)}
+    for source, label, slot in zip(sources.tolist(), write_classes.tolist(), slots.tolist(), strict=True):
+        if slot == len(vectorised[label]):
+            vectorised[label].append(f"new{source}")
+        else:
+            vectorised[label][slot] = f"new{source}"
+    assert vectorised == reservoirs
+    pairs = list(zip(write_classes.tolist(), slots.tolist(), strict=True))
+    assert len(set(pairs)) == len(pairs)
+    assert pairs == sorted(pairs)
 
 
 def test_reset_restarts_sampling():
