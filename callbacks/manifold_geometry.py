@@ -61,10 +61,10 @@ class ManifoldGeometryCallback(CallbackBase):
     ``validation_step`` may return anything or nothing. The latest accuracy stays in :attr:`last_accuracy`.
 
     TensorBoard loggers, of either Lightning package, also get a histogram ``pmg/local_curvature/<class>`` of the
-    per-point curvature, images under ``pmg/figures/`` (a bar chart per metric, the shape-similarity heatmap,
-    each metric against accuracy, and the H1 persistence diagrams on runs with holes), and once per run a
-    custom-scalars layout with one chart per metric that holds every class and the mean. Other loggers, such as
-    ``CSVLogger``, get the scalars only. Class names come from ``class_names``, or else from the datamodule's
+    per-point curvature, images under ``pmg/figures/`` on the schedule of ``figures_every_n_epochs`` (a bar chart
+    per metric, the shape-similarity heatmap, each metric against accuracy, and the H1 persistence diagrams on runs
+    with holes), and once per run a custom-scalars layout with one chart per metric that holds every class and the
+    mean. Other loggers, such as ``CSVLogger``, get the scalars only. Class names come from ``class_names``, or else from the datamodule's
     ``class_names`` or ``classes`` attribute, and replace the labels in tags and figures.
 
     To stop early or checkpoint on a geometry scalar, name its tag in ``monitor``: the callback then also logs it
@@ -112,6 +112,10 @@ class ManifoldGeometryCallback(CallbackBase):
         label_key: where the labels are in a dict batch, or a callable ``batch -> labels``.
         seed: seed of the row sampling and of the seeded metrics.
         log_figures: whether TensorBoard loggers get the figures and the custom-scalars layout.
+        figures_every_n_epochs: draw the figures on the runs of epochs with ``(e + 1) % figures_every_n_epochs ==
+            0``, on the run of the last epoch (``e + 1 == max_epochs``) and on every ``trainer.validate`` call.
+            Drawing them with matplotlib takes about a second on a 2-core CPU, far more than the metrics of a
+            small model, so by default they are drawn every 5 epochs. The layout is written on every run.
         log_accuracy: whether to count per-class accuracy and log it with its Spearman correlations.
         logits_layer: the layer whose output are the logits, as for :class:`pmg_torch.AccuracyCapture`: a
             dotted module name (``""`` for the LightningModule's own output), a module, or ``None`` for the output
@@ -158,6 +162,7 @@ class ManifoldGeometryCallback(CallbackBase):
         label_key: str | Callable[[Any], Any] | None = None,
         seed: int = 0,
         log_figures: bool = True,
+        figures_every_n_epochs: int = 5,
         log_accuracy: bool = True,
         logits_layer: str | nn.Module | None = None,
         monitor: Sequence[str] = (),
@@ -205,6 +210,7 @@ class ManifoldGeometryCallback(CallbackBase):
         self.label_key = label_key
         self.seed = seed
         self.log_figures = log_figures
+        self.figures_every_n_epochs = check_positive_int(figures_every_n_epochs, "figures_every_n_epochs")
         self.log_accuracy = log_accuracy
         self.logits_layer = logits_layer
         self.monitor = self._check_monitor(monitor)
@@ -219,6 +225,7 @@ class ManifoldGeometryCallback(CallbackBase):
         # Every scalar of the latest run, NaN included, by tag: the source of the monitored values.
         self._logged: dict[str, float] = {}
         self._run_expensive = False
+        self._draw_figures = False
         self._n_runs = 0
         # Per validation dataloader: samples this rank has seen this epoch, and how many of its samples are real.
         self._samples_seen: dict[int, int] = {}
@@ -253,6 +260,14 @@ class ManifoldGeometryCallback(CallbackBase):
             return True
         return (trainer.current_epoch + 1) % self.expensive_every_n_epochs == 0
 
+    def _figures_are_due(self, trainer: pl.Trainer) -> bool:
+        if not self.log_figures:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
+        epoch = trainer.current_epoch + 1
+        return epoch % self.figures_every_n_epochs == 0 or epoch == trainer.max_epochs
+
     def _metrics_for_run(self) -> tuple[str, ...]:
         if not self._run_expensive:
             return self.metrics
@@ -272,6 +287,7 @@ class ManifoldGeometryCallback(CallbackBase):
         if not self._is_due(trainer):
             return
         self._run_expensive = self._expensive_is_due(trainer)
+        self._draw_figures = self._figures_are_due(trainer)
         self._samples_seen, self._real_samples = {}, {}
         self._capture = EmbeddingCapture(pl_module, self.layer, self.max_per_class, seed=self.seed, on_error="stop")
         self._capture.attach()
@@ -453,7 +469,8 @@ class ManifoldGeometryCallback(CallbackBase):
             # The layout names every metric the callback can log, so one layout serves the whole run.
             class_tags = list(report.tag_names().values())
             write_layout(writer, self._logged_metrics(), class_tags, TAG_PREFIX, accuracy=self.log_accuracy)
-            write_figures(writer, report, step, TAG_PREFIX, accuracy)
+            if self._draw_figures:
+                write_figures(writer, report, step, TAG_PREFIX, accuracy)
         except Exception as error:
             # Drawing is the least essential output, so a failure in it must not end the training run.
             log.exception("ManifoldGeometryCallback failed to write its figures at step %d.", step)

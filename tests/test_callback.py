@@ -298,6 +298,23 @@ def test_expensive_metrics_follow_their_schedule(tmp_path: Path) -> None:
     assert steps_of(events, "pmg/holes/mean") == [2 * TRAIN_BATCHES]
 
 
+def test_figures_follow_their_schedule_and_the_last_epoch(tmp_path: Path) -> None:
+    callback = ManifoldGeometryCallback(k=K, expensive_every_n_epochs=0, figures_every_n_epochs=2)
+    trainer, model = fit_tiny(tmp_path, callback, max_epochs=5)
+
+    events = read_events(trainer.logger.log_dir)
+    assert steps_of(events, "pmg/curvature/mean") == [epoch * TRAIN_BATCHES for epoch in range(1, 6)]
+    # Epochs 2 and 4 are on the schedule, and epoch 5 is the last.
+    drawn = [event.step for event in events.Images("pmg/figures/curvature")]
+    assert drawn == [2 * TRAIN_BATCHES, 4 * TRAIN_BATCHES, 5 * TRAIN_BATCHES]
+
+    validating = make_trainer(tmp_path / "validate", [callback])
+    validating.validate(model, val_loader(), verbose=False)
+    assert read_events(validating.logger.log_dir).Tags()["images"]
+    with pytest.raises(ValueError, match="figures_every_n_epochs"):
+        ManifoldGeometryCallback(figures_every_n_epochs=0)
+
+
 @pytest.mark.parametrize(
     "switched_off", [{"expensive_every_n_epochs": 0}, {"expensive_every_n_epochs": None}, {"expensive_metrics": ()}]
 )
