@@ -112,7 +112,8 @@ def power_of_two_scale(x: Tensor) -> Tensor:
     squares and products of the result neither overflow nor underflow for any finite ``x``. The division is exact
     except for entries it takes below the dtype's smallest normal number, so at ordinary magnitudes it changes no bits.
     """
-    magnitude = x.abs().amax()
+    smallest, largest = torch.aminmax(x)
+    magnitude = torch.maximum(largest, -smallest)
     _, exponent = torch.frexp(magnitude)
     return torch.ldexp(torch.ones_like(magnitude), exponent - 1)
 
