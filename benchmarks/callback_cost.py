@@ -1,12 +1,14 @@
 """Measure what the Lightning callback adds to a validation epoch, and the memory that capture and kNN use.
 
-Validation is timed with ``trainer.validate`` in up to five variants:
+Validation is timed with ``trainer.validate`` in up to six variants:
 
 * no callback and no logger, the baseline of capture;
 * capture alone, which is the hooks and the reservoir without any analysis, with no logger;
 * no callback and a TensorBoard logger, the baseline of the variants that run the metrics;
-* capture and the per-epoch metrics;
-* capture, the per-epoch metrics and the expensive ones that a ``trainer.validate`` call adds (holes, nonconvexity).
+* capture and the per-epoch metrics, without figures: what most epochs of ``trainer.fit`` cost;
+* the same with the figures, which ``fit`` draws every ``figures_every_n_epochs`` epochs;
+* capture, the per-epoch metrics, the figures and the expensive metrics that a ``trainer.validate`` call adds
+  (holes, nonconvexity).
 
 The variants are interleaved repeat by repeat, in alternating order, so that a change in the machine's load affects
 all of them alike.
@@ -182,14 +184,21 @@ def _variants(workload: Workload, repeats: int, compute_repeats: int) -> dict[st
         ),
         WITHOUT_TENSORBOARD: Variant(lambda: [], compute_repeats, tensorboard=True, baseline=None),
         "capture + metrics": Variant(
-            lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)],
+            lambda: [ManifoldGeometryCallback(expensive_metrics=None, log_figures=False, **settings)],
             compute_repeats,
             tensorboard=True,
             baseline=WITHOUT_TENSORBOARD,
         ),
     }
     if workload.with_expensive:
-        variants["capture + metrics + holes, nonconvexity"] = Variant(
+        # trainer.validate draws the figures, as fit does every figures_every_n_epochs epochs.
+        variants["capture + metrics + figures"] = Variant(
+            lambda: [ManifoldGeometryCallback(expensive_metrics=None, **settings)],
+            compute_repeats,
+            tensorboard=True,
+            baseline=WITHOUT_TENSORBOARD,
+        )
+        variants["capture + metrics + figures + holes, nonconvexity"] = Variant(
             lambda: [ManifoldGeometryCallback(**settings)],
             compute_repeats,
             tensorboard=True,

@@ -53,6 +53,10 @@ SAFE_MAGNITUDES = (2.0**-200, 2.0**200)
 #: stays in cache, and larger blocks ran no faster.
 RANKING_BLOCK_ROWS = 256
 
+#: Largest block of candidate keys, 2**20 entries, whose neighbours are selected with numpy on the CPU: its index
+#: array then takes 8 MiB. Every block of the Gram route fits (256 rows of at most 4096 points).
+NUMPY_SELECTION_ENTRIES = 2**20
+
 _EPSILON = torch.finfo(torch.float64).eps
 
 #: Integer dtype of each floating-point width in bytes, to read a row's bits as integers.
@@ -194,9 +198,10 @@ def _nearest_columns(keys: Tensor, k: int, start: int) -> Tensor:
     """
     rows = torch.arange(keys.shape[0], device=keys.device)
     keys[rows, rows + start] = float("inf")
-    if keys.device.type == "cpu":
+    if keys.device.type == "cpu" and keys.numel() <= NUMPY_SELECTION_ENTRIES:
         # numpy's introselect took about two thirds of the time of torch.topk on blocks of 256 rows of a 500 or
-        # 1000-point cloud (one thread of a 2-core x86 VM), and it works on the block in place of a copy.
+        # 1000-point cloud (one thread of a 2-core x86 VM). It returns an int64 index for every entry, so larger
+        # blocks, whose memory is counted, go to topk.
         return torch.from_numpy(np.argpartition(keys.numpy(), k - 1, axis=1)[:, :k])
     return torch.topk(keys, k, dim=1, largest=False, sorted=False).indices
 
