@@ -328,8 +328,10 @@ def _tangent_bases(points: Tensor, indices: Tensor, left_vectors: Tensor, chunk_
 
 
 def _cloud_gram(nb: Neighbourhoods) -> Tensor:
-    """The float64 Gram matrix of the centred cloud divided by :func:`~pmg_torch.neighbours.search_scale`: the
-    search's own when it formed one."""
+    """Return the float64 Gram matrix of the centred cloud divided by :func:`~pmg_torch.neighbours.search_scale`.
+
+    It is the search's own matrix when the search formed one.
+    """
     if nb.gram is not None:
         return nb.gram
     centred = nb.points.to(torch.float64) / search_scale(nb)
@@ -489,8 +491,8 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
     column_bases = None
     scale = torch.ones((), dtype=torch.float64, device=points.device)
     if k <= dim:
-        # Norms in the search's units, so that neither they nor their products overflow or underflow; the scale
-        # is put back in the ratio, where the result stays in [0, 1] after the clip.
+        # The norms are taken in the search's units, so neither they nor their products overflow or underflow. The
+        # scale goes back in with the ratio, which the clip then keeps in [0, 1].
         norms = neighbourhood_spreads(nb, scaled=True).sqrt_()
         scale = search_scale(nb)
     else:

@@ -294,7 +294,7 @@ def _recompute_close_pairs(
 ) -> None:
     """Overwrite ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` of the ``close`` pairs with values from row differences.
 
-    Both are written in units of the point's squared radius, as :func:`_tle_block` holds them.
+    Both are written in units of the point's squared radius, the units :func:`_tle_block` works in.
     """
     point, i, j = close.nonzero(as_tuple=True)
     centre = points[start + point].to(torch.float64)

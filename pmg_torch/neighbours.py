@@ -114,7 +114,7 @@ def remove_duplicate_rows(x: Tensor) -> tuple[Tensor, int]:
         return x, 0
     # Rows that compare equal have the same bits once -0.0 becomes +0.0 (adding 0.0 does that), so they have the
     # same integer sum of their bits, whatever order the sum takes. Distinct sums therefore prove that no two rows
-    # are equal, at a tenth of the cost of sorting whole rows; any tie goes to the exact comparison.
+    # are equal, at a tenth of the cost of sorting whole rows. Any tie goes to the exact comparison.
     bits = (x + 0.0).view(_SAME_WIDTH_INTEGER[x.element_size()])
     ordered = torch.sort(bits.sum(dim=1, dtype=torch.int64)).values
     if not bool((ordered[1:] == ordered[:-1]).any()):
