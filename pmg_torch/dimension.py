@@ -211,8 +211,9 @@ def tle_pointwise(nb: Neighbourhoods, epsilon: float = TLE_EPSILON, *, offset_gr
 
     Lengths come from the Gram matrix ``O`` of the offsets (:func:`pmg_torch.neighbours.neighbour_offset_grams`):
     ``v_ij^2 = O_ii + O_jj - 2 O_ij``, ``z_ij^2 = O_ii + O_jj + 2 O_ij`` and ``a = 2 (O_ii - O_ij)``. Their float64
-    rounding is about 1e-16 of ``r^2``, so for the few pairs with ``v_ij^2`` below :data:`CLOSE_PAIR_FRACTION` of
-    ``r^2`` both ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` are recomputed from the difference of the two rows. A
+    rounding is about 1e-15 of ``r^2`` (see :func:`~pmg_torch.neighbours.neighbour_offset_grams` for when they come
+    from the cloud's Gram matrix), so for the few pairs with ``v_ij^2`` below :data:`CLOSE_PAIR_FRACTION` of ``r^2``
+    both ``v_ij^2`` and ``a = 2 o_i . (x_i - x_j)`` are recomputed from the difference of the two rows. A
     near-duplicate pair at the edge of the neighbourhood, where ``r_i`` is close to ``r``, can give a measurement
     near ``epsilon * r`` that depends on every digit of ``v_ij``.
 

@@ -38,11 +38,11 @@ OFFSET_BLOCK_ENTRIES = 2**17
 #: the matrix has :data:`MAX_BLOCK_ENTRIES` entries (128 MiB). Larger clouds get the chunked search of :func:`knn`.
 GRAM_MAX_POINTS = 4096
 
-#: Largest relative error allowed, by a rounding bound, in a squared distance or an offset Gram entry taken from the
-#: cloud's Gram matrix (relative to the neighbourhood's squared radius for offset entries). A point whose bound is
-#: above it gets its values recomputed from row differences. On embeddings the bound is near 1e-12 and the measured
-#: error near 1e-15; the bound exceeds the tolerance when a neighbourhood is hundreds of times narrower than its
-#: distance from the cloud's mean.
+#: Largest relative error allowed, by a rounding bound, in a squared distance taken from the cloud's Gram matrix:
+#: between a point and a neighbour, or, for offset Gram matrices, between any two of a point and its neighbours. A
+#: point whose bound is above it gets its values recomputed from row differences. On embeddings the bound is near
+#: 1e-12 and the measured error near 1e-15. The bound exceeds the tolerance when a neighbourhood is hundreds of
+#: times narrower than its distance from the cloud's mean, or holds near-duplicate rows.
 GRAM_TOLERANCE = 1e-10
 
 #: Powers of two between which :func:`neighbourhoods` leaves the rows unscaled on the Gram route: squared lengths
@@ -344,9 +344,9 @@ def neighbour_offset_grams(
 
     When ``nb`` holds the cloud's Gram matrix ``G``, ``O_ab = G_ab - G_qa - G_qb + G_qq`` costs a few gathers per
     point. Its rounding grows with the rows' distance from the cloud's mean, so a point whose rounding bound exceeds
-    :data:`GRAM_TOLERANCE` of its squared neighbourhood radius is computed from its offsets instead. Otherwise every
-    matrix comes from the offsets, taken from the rows before any product, so rounding is relative to the
-    neighbourhood's radius, not to the distance from the origin.
+    :data:`GRAM_TOLERANCE` of the shortest squared distance among it and its neighbours is computed from its offsets
+    instead. Otherwise every matrix comes from the offsets, taken from the rows before any product, so rounding is
+    relative to the neighbourhood's radius, not to the distance from the origin.
 
     Args:
         nb: the output of :func:`neighbourhoods`.
