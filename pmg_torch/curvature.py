@@ -479,10 +479,10 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
 
     ``|S_i|_2`` is the Frobenius norm of ``M_i``. When ``k <= D`` only these norms are needed, and
     :func:`~pmg_torch.neighbours.neighbourhood_spreads` gives them without forming any ``(k, D)`` neighbourhood.
-    For ``k > D`` the thin ``U_i`` (``k x D``) spans
-    the column space of ``M_i``, so an orthonormal basis from QR gives the same singular values of ``U_i^T U_j``
-    without an SVD. If a neighbourhood has rank below ``D``, the SVD's extra columns of ``U_i`` are an arbitrary
-    completion, so the published formula itself is not well defined there, and neither is this one.
+    For ``k > D`` the thin ``U_i`` (``k x D``) spans the column space of ``M_i``, so an orthonormal basis from QR
+    gives the same singular values of ``U_i^T U_j`` without an SVD. If a neighbourhood has rank below ``D``, the
+    SVD's extra columns of ``U_i`` are an arbitrary completion, so the published formula itself is not well defined
+    there, and neither is this one.
     """
     points = nb.points.to(torch.float64)
     indices = nb.indices
