@@ -513,6 +513,12 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
             cross = torch.einsum("cad,ckae->ckde", column_bases[start:stop], column_bases[neighbour_indices])
             overlap = torch.linalg.svdvals(cross).sum(dim=-1)
         ratio = overlap / (norms[start:stop, None] * norms[neighbour_indices]) / scale.square()
+        undefined = ratio.isnan()
+        if bool(undefined.any()):
+            # The product of the norms underflowed while the scale's square overflowed (rows from 1e-100 to 1e200),
+            # giving inf / inf; the logarithms give the ratio, which the clip takes to 0 or 1.
+            logs = overlap.log() - norms[start:stop, None].log() - norms[neighbour_indices].log() - 2 * scale.log()
+            ratio = torch.where(undefined, logs.exp(), ratio)
         local[start:stop] = torch.arccos(ratio.clamp(-1, 1)).mean(dim=1)
     return local
 

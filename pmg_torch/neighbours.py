@@ -115,7 +115,8 @@ def remove_duplicate_rows(x: Tensor) -> tuple[Tensor, int]:
     # Rows that compare equal have the same bits once -0.0 becomes +0.0 (adding 0.0 does that), so they have the
     # same integer sum of their bits, whatever order the sum takes. Distinct sums therefore prove that no two rows
     # are equal, at a tenth of the cost of sorting whole rows. Any tie goes to the exact comparison.
-    bits = (x + 0.0).view(_SAME_WIDTH_INTEGER[x.element_size()])
+    shifted = x + 0.0
+    bits = shifted.view(_SAME_WIDTH_INTEGER[shifted.element_size()])
     ordered = torch.sort(bits.sum(dim=1, dtype=torch.int64)).values
     if not bool((ordered[1:] == ordered[:-1]).any()):
         return x, 0
@@ -177,13 +178,18 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     # on the mean of its finite rows. The returned distances come from the rows themselves, not from the expansion.
     centred = x - x[finite].mean(dim=0) if bool(finite.any()) else x
     squared_norms = (centred * centred).sum(dim=1)
+    norms = squared_norms.sqrt()
+    largest_norm = norms[finite].amax() if bool(finite.any()) else norms.new_zeros(())
+    unit = 2 * x.shape[1] * torch.finfo(x.dtype).eps
     all_indices = torch.empty((m, k), dtype=torch.long, device=x.device)
     all_distances = torch.empty((m, k), dtype=x.dtype, device=x.device)
     for start in range(0, m, chunk_size):
         stop = min(start + chunk_size, m)
         # |b|^2 - 2 a.b ranks the candidates b of query a as |a - b|^2 does; one addmm forms it in one pass.
         block = torch.addmm(squared_norms[None, :], centred[start:stop], centred.T, alpha=-2.0)
-        chosen = _nearest_columns(block, k, start)
+        chosen, next_key = _nearest_columns(block, k, start)
+        ranking = _Ranking(norms[start:stop], norms, largest_norm, unit)
+        chosen = _settle_near_ties(block, chosen, next_key, ranking, x[start:stop], x)
         distances = _direct_distances(x[start:stop], x, chosen) * scale
         distances, order = torch.sort(distances, dim=1)
         all_distances[start:stop] = distances
@@ -191,10 +197,12 @@ def knn(x: Tensor, k: int, *, chunk_size: int | None = None) -> tuple[Tensor, Te
     return all_distances, all_indices
 
 
-def _nearest_columns(keys: Tensor, k: int, start: int) -> Tensor:
-    """Return the columns of the ``k`` smallest ``keys`` of each row, unsorted, leaving out row ``i``'s own column.
+def _nearest_columns(keys: Tensor, k: int, start: int) -> tuple[Tensor, Tensor]:
+    """Return the columns of the ``k`` smallest ``keys`` of each row, unsorted, and the ``(k + 1)``-th smallest key.
 
-    ``keys`` ``(c, m)`` belongs to query rows ``start:start + c`` and is overwritten on those diagonal entries.
+    ``keys`` ``(c, m)`` belongs to query rows ``start:start + c``, and row ``i``'s own column is left out: it is
+    overwritten with infinity. ``k`` is at most ``m - 1``, so the ``(k + 1)``-th key exists; it is infinite when
+    ``k = m - 1``.
     """
     rows = torch.arange(keys.shape[0], device=keys.device)
     keys[rows, rows + start] = float("inf")
@@ -202,8 +210,61 @@ def _nearest_columns(keys: Tensor, k: int, start: int) -> Tensor:
         # numpy's introselect took about two thirds of the time of torch.topk on blocks of 256 rows of a 500 or
         # 1000-point cloud (one thread of a 2-core x86 VM). It returns an int64 index for every entry, so larger
         # blocks, whose memory is counted, go to topk.
-        return torch.from_numpy(np.argpartition(keys.numpy(), k - 1, axis=1)[:, :k])
-    return torch.topk(keys, k, dim=1, largest=False, sorted=False).indices
+        smallest = torch.from_numpy(np.argpartition(keys.numpy(), k, axis=1)[:, : k + 1])
+        return smallest[:, :k], keys.gather(1, smallest[:, k:]).squeeze(1)
+    values, smallest = torch.topk(keys, k + 1, dim=1, largest=False, sorted=True)
+    return smallest[:, :k], values[:, k]
+
+
+class _Ranking(NamedTuple):
+    """What bounds the rounding of the keys ``|b|^2 - 2 a.b`` of a block of queries ``a``.
+
+    Each key is off by at most about ``unit (|b|^2 + 2 |a| |b|)``, with ``unit = 2 D eps`` of the dtype the keys were
+    computed in, and norms of the centred rows.
+    """
+
+    query_norms: Tensor
+    norms: Tensor
+    largest_norm: Tensor
+    unit: float
+
+
+def _settle_near_ties(
+    keys: Tensor, chosen: Tensor, next_key: Tensor, ranking: _Ranking, queries: Tensor, x: Tensor
+) -> Tensor:
+    """Return ``chosen`` ``(c, k)`` corrected where rounding in ``keys`` may have picked the wrong neighbours.
+
+    A row is certain when the gap between its ``k``-th and ``(k + 1)``-th keys exceeds twice the largest rounding of
+    any key in it; on ordinary clouds that holds for every row, at the cost of one comparison per row. For the
+    others, a column is a candidate unless its key minus its rounding bound exceeds the largest key plus bound among
+    the chosen. Rows with more than ``k`` candidates, such as tight clusters far from the cloud's mean or rows that
+    tie, are settled by the exact distances from the differences of ``queries`` and the candidate rows of ``x``,
+    in blocks of bounded memory.
+    """
+    k = chosen.shape[1]
+    unit = ranking.unit
+    kth_key = keys.gather(1, chosen).amax(dim=1)
+    worst = unit * ranking.largest_norm * (ranking.largest_norm + 2 * ranking.query_norms)
+    unsure = (next_key - kth_key <= 2 * worst).nonzero().squeeze(1)
+    if unsure.numel() == 0:
+        return chosen
+    error = ranking.norms[None, :] * (ranking.norms[None, :] + 2 * ranking.query_norms[unsure, None]) * unit
+    lower = keys[unsure] - error
+    upper = (keys[unsure].gather(1, chosen[unsure]) + error.gather(1, chosen[unsure])).amax(dim=1)
+    counts = (lower <= upper[:, None]).sum(dim=1)
+    ambiguous = (counts > k).nonzero().squeeze(1)
+    dim = x.shape[1]
+    position = 0
+    while position < ambiguous.numel():
+        width = int(counts[ambiguous[position:]].max())
+        rows_per_block = max(1, OFFSET_BLOCK_ENTRIES // (width * dim))
+        block = ambiguous[position : position + rows_per_block]
+        candidates = torch.topk(lower[block], width, dim=1, largest=False).indices
+        rows = unsure[block]
+        squared = (queries[rows, None, :] - x[candidates]).square().sum(dim=2)
+        chosen[rows] = candidates.gather(1, torch.topk(squared, k, dim=1, largest=False).indices)
+        position += rows_per_block
+    return chosen
 
 
 def _gram_search(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -228,11 +289,15 @@ def _gram_search(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     centred = scaled - scaled.mean(dim=0)
     gram = _symmetric_gram(centred)
     squared_norms = gram.diagonal()
+    norms = squared_norms.sqrt()
+    unit = 2 * dim * _EPSILON
     indices = torch.empty((n, k), dtype=torch.long, device=x.device)
     for start in range(0, n, RANKING_BLOCK_ROWS):
         stop = min(start + RANKING_BLOCK_ROWS, n)
         keys = torch.add(squared_norms, gram[start:stop], alpha=-2.0)
-        indices[start:stop] = _nearest_columns(keys, k, start)
+        chosen, next_key = _nearest_columns(keys, k, start)
+        ranking = _Ranking(norms[start:stop], norms, norms.amax(), unit)
+        indices[start:stop] = _settle_near_ties(keys, chosen, next_key, ranking, scaled[start:stop], scaled)
     norm_sums = squared_norms[indices].add_(squared_norms[:, None])
     squared = torch.add(norm_sums, gram.gather(1, indices), alpha=-2.0).clamp_min_(0)
     redo = (norm_sums.mul_(2 * dim * _EPSILON) > GRAM_TOLERANCE * squared).any(dim=1).nonzero().squeeze(1)
@@ -388,6 +453,10 @@ def neighbourhood_spreads(nb: Neighbourhoods, *, scaled: bool = False) -> Tensor
     from ``k^2 + k`` of its entries, with no ``(k, D)`` neighbourhood formed. The subtraction loses digits when the
     neighbours lie far from the cloud's mean compared with their spread, so points whose rounding bound exceeds
     :data:`GRAM_TOLERANCE` of the result, and clouds without a Gram matrix, take it from the offset Gram matrices.
+
+    NOTE: the offset Gram matrices are rounded relative to the squared distance from the point to its farthest
+    neighbour. Neighbours packed far tighter than that distance therefore get a spread accurate only to about
+    ``1e-16`` of it, not of the spread itself.
 
     Args:
         nb: the output of :func:`neighbourhoods`.

@@ -270,6 +270,64 @@ def test_neighbourhood_spreads_equal_per_point_numpy_loop(offset, gram_limit, mo
     torch.testing.assert_close(scaled * neighbours_module.search_scale(nb) ** 2, spreads, rtol=0, atol=0)
 
 
+def loop_neighbours(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-point numpy float64 loop: the sorted distances to, and the set of, each row's k nearest other rows."""
+    distances, neighbour_sets = [], []
+    for i in range(len(points)):
+        row = np.sqrt(((points - points[i]) ** 2).sum(axis=1))
+        row[i] = np.inf
+        order = np.argsort(row, kind="stable")[:k]
+        distances.append(row[order])
+        neighbour_sets.append(sorted(order))
+    return np.array(distances), np.array(neighbour_sets)
+
+
+def far_clusters(dtype: torch.dtype) -> torch.Tensor:
+    """Two clusters of spread 1e-5 at +-1e3: every key |b|^2 - 2 a.b rounds by more than the gaps between them."""
+    generator = torch.Generator().manual_seed(16)
+    spread = 1e-5 * torch.randn(120, 6, generator=generator, dtype=torch.float64)
+    return torch.cat([spread[:60] + 1e3, spread[60:] - 1e3]).to(dtype)
+
+
+def one_outlier() -> torch.Tensor:
+    points = torch.randn(150, 8, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    points[0] = 1e10
+    return points
+
+
+@pytest.mark.parametrize("gram_limit", [4096, 0])
+@pytest.mark.parametrize("make_points", [lambda: far_clusters(torch.float64), one_outlier], ids=["clusters", "outlier"])
+def test_rounding_in_the_ranking_never_picks_wrong_neighbours(make_points, gram_limit, monkeypatch):
+    # A limit of 0 rows sends the cloud to the chunked search.
+    monkeypatch.setattr(neighbours_module, "GRAM_MAX_POINTS", gram_limit)
+    points = make_points()
+    expected_distances, expected_sets = loop_neighbours(points.numpy(), 7)
+
+    nb = neighbourhoods(points, 7)
+
+    np.testing.assert_array_equal(np.sort(nb.indices.numpy(), axis=1), expected_sets)
+    np.testing.assert_allclose(nb.distances.numpy(), expected_distances, rtol=1e-9)
+
+
+def test_float32_chunked_search_settles_clusters_far_from_the_mean():
+    points = far_clusters(torch.float32)
+    expected_distances, _ = loop_neighbours(points.double().numpy(), 5)
+
+    distances, _ = knn(points, 5)
+
+    np.testing.assert_allclose(distances.numpy(), expected_distances, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int64])
+def test_duplicate_rows_of_integer_dtypes_are_found(dtype):
+    points = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 1]]).to(dtype)
+
+    distinct, n_removed = remove_duplicate_rows(points)
+
+    assert n_removed == 1
+    assert distinct.tolist() == points[[0, 1, 3]].tolist()
+
+
 def test_clouds_above_the_gram_limit_use_the_chunked_search(monkeypatch):
     points = torch.randn(200, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     gram_route = neighbourhoods(points, 7)
