@@ -239,7 +239,8 @@ def _settle_near_ties(
     others, a column is a candidate unless its key minus its rounding bound exceeds the largest key plus bound among
     the chosen. Rows with more than ``k`` candidates, such as tight clusters far from the cloud's mean or rows that
     tie, are settled by the exact distances from the differences of ``queries`` and the candidate rows of ``x``,
-    in blocks of bounded memory.
+    in blocks of bounded memory. The per-entry bounds of the unsure rows take two more arrays the size of their keys,
+    so a block in which every row is unsure briefly holds three times the memory of its keys.
     """
     k = chosen.shape[1]
     unit = ranking.unit
