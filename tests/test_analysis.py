@@ -210,7 +210,7 @@ def test_knn_search_runs_once_per_class(clouds, monkeypatch):
     assert sorted(calls) == [40, 50, 60, 70]
 
 
-def test_pointwise_tle_runs_once_per_class_for_curvature_and_dimension(clouds, monkeypatch):
+def test_pointwise_tle_computed_once_per_class(clouds, monkeypatch):
     # The package exports functions named like these modules, so the modules are looked up by name.
     curvature_module = importlib.import_module("pmg_torch.curvature")
     dimension_module = importlib.import_module("pmg_torch.dimension")

@@ -265,8 +265,8 @@ def test_reference_on_flat_plane_depends_on_scale():
     assert float(curvature(10 * plane).overall) < 1e-6
 
 
-def test_reference_is_finite_for_rows_from_1e_minus_100_to_1e200():
-    # The row at 1e200 is no other row's neighbour, and every neighbourhood, its own included, holds rows near
+def test_reference_mixed_extreme_magnitudes():
+    # The row at 1e200 is no other row's neighbour, and every neighbourhood, its own included, contains rows near
     # 1e-100. So each published ratio is about k / 1e-198, which the clip takes to 1: every angle is 0. In the search's
     # units the product of two norms underflows while the scale squared overflows, which must not give NaN.
     points = 1e-100 * torch.randn(60, 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

@@ -128,7 +128,7 @@ def test_remove_duplicate_rows_returns_distinct_input_unchanged():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_rows_that_differ_in_order_or_in_the_sign_of_zero_are_compared_whole(dtype):
+def test_duplicate_check_permuted_and_signed_zero_rows(dtype):
     # Permuted entries give equal sums of bits and must still be kept; -0.0 equals 0.0, so that row is a repeat.
     points = torch.tensor([[1.0, 2.0], [2.0, 1.0], [0.0, 3.0], [-0.0, 3.0], [5.0, 5.0]], dtype=dtype)
 
@@ -184,7 +184,9 @@ def test_gram_search_equals_sklearn_and_keeps_the_gram(dtype):
 
     nb = neighbourhoods(torch.from_numpy(points).to(dtype), 12)
 
-    assert nb.gram is not None and nb.gram.shape == (400, 400) and nb.gram.dtype == torch.float64
+    assert nb.gram is not None
+    assert nb.gram.shape == (400, 400)
+    assert nb.gram.dtype == torch.float64
     np.testing.assert_array_equal(nb.indices.numpy(), expected_indices)
     rtol = 1e-13 if dtype == torch.float64 else 1e-6
     np.testing.assert_allclose(nb.distances.numpy(), expected_distances, rtol=rtol)
@@ -210,7 +212,7 @@ def test_gram_search_recomputes_narrow_neighbourhoods_from_differences():
     np.testing.assert_allclose(neighbour_offset_grams(nb).numpy(), direct_offset_grams(nb), rtol=1e-12, atol=1e-20)
 
 
-def test_points_with_near_duplicate_neighbours_take_their_offsets_from_the_rows():
+def test_near_duplicate_neighbours_use_offsets():
     # TLE recomputes close pairs from row differences and relies on the other entries being rounded relative to the
     # neighbourhood's radius, which the Gram matrix does not give when two neighbours are 1e-9 apart.
     rng = np.random.default_rng(12)
@@ -309,7 +311,7 @@ def test_rounding_in_the_ranking_never_picks_wrong_neighbours(make_points, gram_
     np.testing.assert_allclose(nb.distances.numpy(), expected_distances, rtol=1e-9)
 
 
-def test_float32_chunked_search_settles_clusters_far_from_the_mean():
+def test_float32_chunked_search_far_clusters():
     points = far_clusters(torch.float32)
     expected_distances, _ = loop_neighbours(points.double().numpy(), 5)
 
@@ -328,14 +330,15 @@ def test_duplicate_rows_of_integer_dtypes_are_found(dtype):
     assert distinct.tolist() == points[[0, 1, 3]].tolist()
 
 
-def test_clouds_above_the_gram_limit_use_the_chunked_search(monkeypatch):
+def test_large_clouds_use_chunked_search(monkeypatch):
     points = torch.randn(200, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     gram_route = neighbourhoods(points, 7)
     monkeypatch.setattr(neighbours_module, "GRAM_MAX_POINTS", 100)
 
     chunked = neighbourhoods(points, 7)
 
-    assert chunked.gram is None and gram_route.gram is not None
+    assert chunked.gram is None
+    assert gram_route.gram is not None
     torch.testing.assert_close(chunked.indices, gram_route.indices, rtol=0, atol=0)
     torch.testing.assert_close(chunked.distances, gram_route.distances, rtol=1e-13, atol=0)
     torch.testing.assert_close(
