@@ -440,8 +440,8 @@ def reservoir_update(
     # Rounding of the float64 product could give counts + 1, one past the largest allowed draw.
     np.minimum(draws, counts, out=draws)
     slots = np.where(counts < capacity, counts, draws)
-    kept = np.flatnonzero(slots < capacity)
-    sources, write_classes, slots = order[kept], sorted_classes[kept], slots[kept]
+    accepted = np.flatnonzero(slots < capacity)
+    sources, write_classes, slots = order[accepted], sorted_classes[accepted], slots[accepted]
     keys = write_classes * capacity + slots
     by_key = np.argsort(keys, kind="stable")
     sorted_keys = keys[by_key]

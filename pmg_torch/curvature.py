@@ -516,7 +516,7 @@ def _reference_local_curvature(nb: Neighbourhoods, chunk_size: int | None) -> Te
         undefined = ratio.isnan()
         if bool(undefined.any()):
             # The product of the norms underflowed while the scale's square overflowed (rows from 1e-100 to 1e200),
-            # giving inf / inf; the logarithms give the ratio, which the clip takes to 0 or 1.
+            # giving inf / inf. The logarithms give the ratio instead, and the clip takes it to 0 or 1.
             logs = overlap.log() - norms[start:stop, None].log() - norms[neighbour_indices].log() - 2 * scale.log()
             ratio = torch.where(undefined, logs.exp(), ratio)
         local[start:stop] = torch.arccos(ratio.clamp(-1, 1)).mean(dim=1)

@@ -42,7 +42,7 @@ GRAM_MAX_POINTS = 4096
 #: between a point and a neighbour, or, for offset Gram matrices, between any two of a point and its neighbours. A
 #: point whose bound is above it gets its values recomputed from row differences. On embeddings the bound is near
 #: 1e-12 and the measured error near 1e-15. The bound exceeds the tolerance when a neighbourhood is hundreds of
-#: times narrower than its distance from the cloud's mean, or holds near-duplicate rows.
+#: times narrower than its distance from the cloud's mean, or contains near-duplicate rows.
 GRAM_TOLERANCE = 1e-10
 
 #: Powers of two between which :func:`neighbourhoods` leaves the rows unscaled on the Gram route: squared lengths
@@ -74,8 +74,8 @@ class Neighbourhoods(NamedTuple):
         n_nonfinite: rows removed because they held NaN or infinity.
         gram: ``(n, n)`` float64 Gram matrix of ``(points - mean) / gram_scale`` when the search formed it (clouds
             of at most :data:`GRAM_MAX_POINTS` rows), else ``None``.
-        gram_scale: 0-d float64 power of two by which ``gram``'s rows were divided, so that the Gram matrix of the
-            centred rows is ``gram * gram_scale**2``; ``None`` without ``gram``.
+        gram_scale: 0-d float64 power of two by which ``gram``'s rows were divided. The Gram matrix of the centred
+            rows is ``gram * gram_scale**2``. ``None`` without ``gram``.
     """
 
     points: Tensor
@@ -217,10 +217,10 @@ def _nearest_columns(keys: Tensor, k: int, start: int) -> tuple[Tensor, Tensor]:
 
 
 class _Ranking(NamedTuple):
-    """What bounds the rounding of the keys ``|b|^2 - 2 a.b`` of a block of queries ``a``.
+    """Rounding bound of the keys ``|b|^2 - 2 a.b`` of a block of queries ``a``.
 
-    Each key is off by at most about ``unit (|b|^2 + 2 |a| |b|)``, with ``unit = 2 D eps`` of the dtype the keys were
-    computed in, and norms of the centred rows.
+    Each key is off by at most about ``unit (|b|^2 + 2 |a| |b|)``. ``unit`` is ``2 D eps`` of the dtype the keys were
+    computed in, and the norms are those of the centred rows.
     """
 
     query_norms: Tensor
@@ -235,12 +235,12 @@ def _settle_near_ties(
     """Return ``chosen`` ``(c, k)`` corrected where rounding in ``keys`` may have picked the wrong neighbours.
 
     A row is certain when the gap between its ``k``-th and ``(k + 1)``-th keys exceeds twice the largest rounding of
-    any key in it; on ordinary clouds that holds for every row, at the cost of one comparison per row. For the
+    any key in it. On ordinary clouds every row passes this test, at the cost of one comparison per row. For the
     others, a column is a candidate unless its key minus its rounding bound exceeds the largest key plus bound among
     the chosen. Rows with more than ``k`` candidates, such as tight clusters far from the cloud's mean or rows that
-    tie, are settled by the exact distances from the differences of ``queries`` and the candidate rows of ``x``,
-    in blocks of bounded memory. The per-entry bounds of the unsure rows take two more arrays the size of their keys,
-    so a block in which every row is unsure briefly holds three times the memory of its keys.
+    tie, are settled by exact distances. These come from the differences of ``queries`` and the candidate rows of
+    ``x``, in blocks of bounded memory. The per-entry bounds of the unsure rows take two more arrays the size of
+    their keys, so a block in which every row is unsure briefly takes three times the memory of its keys.
     """
     k = chosen.shape[1]
     unit = ranking.unit
@@ -348,7 +348,7 @@ def neighbourhoods(x: Tensor, k: int, *, chunk_size: int | None = None) -> Neigh
     """Clean ``x`` (drop non-finite rows, then exact duplicates) and find each remaining point's ``k`` neighbours.
 
     Up to :data:`GRAM_MAX_POINTS` distinct rows, the search forms the float64 Gram matrix of the cloud once and keeps
-    it in :attr:`Neighbourhoods.gram` for :func:`neighbour_offset_grams` and the metrics; its squared distances are
+    it in :attr:`Neighbourhoods.gram` for :func:`neighbour_offset_grams` and the metrics. Its squared distances are
     within :data:`GRAM_TOLERANCE` of the direct ones, relatively. Larger clouds use :func:`knn`, whose memory stays
     under one block of the distance matrix.
 
